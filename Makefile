@@ -1,0 +1,39 @@
+# Two commands set a fresh machine up: `make run` (backend + embedded Redis + a worker) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Optional: a PyTorch wheel index, e.g. https://download.pytorch.org/whl/cpu for a CPU-only install.
+TORCH_INDEX_URL ?=
+
+.PHONY: install run worker test test-fast lint bench demo clean
+
+$(BIN)/medebiaser: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	if [ -n "$(TORCH_INDEX_URL)" ]; then $(BIN)/pip install -q torch torchvision --index-url $(TORCH_INDEX_URL); fi
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/medebiaser
+
+run: install
+	$(BIN)/medebiaser serve
+
+worker: install
+	$(BIN)/medebiaser worker
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: install
+	$(BIN)/python -m pytest -q -ra -m "not slow and not e2e"
+
+lint: install
+	$(BIN)/ruff check ml_backend tests bench
+	$(BIN)/ruff format --check ml_backend tests bench
+
+bench: install
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

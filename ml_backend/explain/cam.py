@@ -1,0 +1,107 @@
+"""Class activation maps for every finding at once.
+
+For a timm backbone followed by global average pooling and a linear classifier, Grad-CAM on the last
+feature map A equals the classic CAM: d logit_k / d A = w_k / (h*w) everywhere, so
+``GradCAM_k = ReLU(sum_c w_kc A_c) / (h*w)``. All K maps come from one forward pass plus one small
+matrix product, with no backward pass, and stay differentiable (the training loss uses the same code).
+Heads that break the identity (norm or MLP after pooling) fall back to autograd Grad-CAM through the
+head only: the gradient with respect to the features needs no backward pass through the backbone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def linear_head(model: nn.Module) -> nn.Linear | None:
+    """The classifier if ``forward_head`` is exactly avg-pool + linear (checked numerically), else None."""
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(classifier, nn.Linear) or not hasattr(model, "forward_head"):
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            param = next(model.parameters())
+            features = torch.randn(2, classifier.in_features, 3, 5, device=param.device, dtype=param.dtype)
+            expected = model.forward_head(features)
+            via_cam = _cam_logits(features, classifier)[0]
+            if expected.shape != via_cam.shape:
+                return None
+            ok = torch.allclose(expected, via_cam, rtol=1e-4, atol=1e-4)
+    except Exception:  # heads expecting other layouts (tokens, NHWC) are not CAM-compatible
+        ok = False
+    finally:
+        model.train(was_training)
+    return classifier if ok else None
+
+
+def _cam_logits(features: torch.Tensor, classifier: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    raw = torch.einsum("kc,bchw->bkhw", classifier.weight, features)
+    logits = raw.mean(dim=(2, 3))
+    if classifier.bias is not None:
+        logits = logits + classifier.bias
+    return logits, raw
+
+
+class HeatmapExplainer:
+    """Logits and one heatmap per finding, from a single forward pass where the head allows it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.classifier = linear_head(model)
+
+    @property
+    def fast_path(self) -> bool:
+        return self.classifier is not None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+    def logits_and_cams(self, x: torch.Tensor, *, relu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, K) logits and (B, K, h, w) Grad-CAM maps on the backbone's last feature grid.
+
+        Differentiable on the fast path (used by the attention loss); ``relu=False`` keeps the signed map.
+        """
+        features = self.features(x)
+        return self.logits_and_cams_from_features(features, relu=relu)
+
+    def logits_and_cams_from_features(
+        self, features: torch.Tensor, *, relu: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.classifier is not None:
+            logits, raw = _cam_logits(features, self.classifier)
+            cams = raw / (raw.shape[2] * raw.shape[3])
+        else:
+            logits, cams = self._autograd_gradcam(features)
+        return logits, (F.relu(cams) if relu else cams)
+
+    def _autograd_gradcam(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Samples are independent in eval mode, so the gradient of the batch sum gives each sample's gradient.
+        feats = features.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.model.forward_head(feats)
+            maps = []
+            for k in range(logits.shape[1]):
+                (grad,) = torch.autograd.grad(logits[:, k].sum(), feats, retain_graph=k < logits.shape[1] - 1)
+                weights = grad.mean(dim=(2, 3), keepdim=True)
+                maps.append((weights * feats).sum(dim=1))
+        return logits.detach(), torch.stack(maps, dim=1).detach()
+
+
+def normalise_maps(cams: torch.Tensor) -> torch.Tensor:
+    """Min-max scale each (h, w) map to [0, 1], like pytorch-grad-cam: the least-attended cell becomes
+    transparent, so the heatmap keeps contrast even where the map is positive everywhere (flat maps -> 0)."""
+    low = cams.amin(dim=(-2, -1), keepdim=True)
+    span = cams.amax(dim=(-2, -1), keepdim=True) - low
+    return torch.where(span > 1e-12, (cams - low) / span.clamp_min(1e-12), torch.zeros_like(cams))
+
+
+def upsample_maps(cams: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(..., h, w) maps -> (..., H, W) with bilinear interpolation (smooth heat, no blocky cells)."""
+    lead = cams.shape[:-2]
+    flat = cams.reshape(-1, 1, *cams.shape[-2:])
+    up = F.interpolate(flat, size=(height, width), mode="bilinear", align_corners=False)
+    return up.reshape(*lead, height, width)

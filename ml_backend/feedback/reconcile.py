@@ -1,0 +1,69 @@
+"""Label Studio is the source of truth: re-read a project's annotations through its API.
+
+Annotations made while the backend or Redis was down never reached the webhook; a reconciling job
+(START_TRAINING, or ``medebiaser train --reconcile``) re-reads them with label-studio-sdk and brings the
+store in line: missing annotations are added, deleted or cancelled ones removed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ml_backend.config import Settings
+from ml_backend.feedback.annotations import AnnotationError, parse_annotation
+from ml_backend.feedback.store import AnnotationStore
+from ml_backend.io.label_config import parse_label_config
+
+log = logging.getLogger(__name__)
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, dict):
+        return obj
+    return obj.model_dump() if hasattr(obj, "model_dump") else dict(obj)
+
+
+def label_studio_client(settings: Settings) -> Any:
+    from label_studio_sdk import LabelStudio
+
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        raise RuntimeError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are needed to read from Label Studio")
+    return LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
+
+
+def reconcile_with_label_studio(store: AnnotationStore, project: str, settings: Settings) -> dict[str, Any]:
+    """Bring the store in line with Label Studio; returns counts (or the reason it could not)."""
+    try:
+        client = label_studio_client(settings)
+        config = client.projects.get(id=int(project)).label_config
+        store.set_label_config(config)
+        schema = parse_label_config(config)
+        _, existing = store.snapshot()
+        known = {r.annotation_id: r for r in existing}
+        seen: set[int] = set()
+        added = invalid = 0
+        for task in client.tasks.list(project=int(project), fields="all", only_annotated=True):
+            task_dict = _as_dict(task)
+            for annotation in task_dict.get("annotations") or []:
+                annotation = _as_dict(annotation)
+                try:
+                    record = parse_annotation(project, annotation, task_dict, schema)
+                except AnnotationError as exc:
+                    invalid += 1
+                    log.warning(
+                        "project %s: annotation %s skipped in reconcile: %s", project, annotation.get("id"), exc
+                    )
+                    continue
+                if record is None:
+                    continue
+                seen.add(record.annotation_id)
+                old = known.get(record.annotation_id)
+                if old is None or old.updated_at != record.updated_at:
+                    store.put(record)
+                    added += 1
+        removed = store.delete([i for i in known if i not in seen])
+        return {"added_or_updated": added, "removed": removed, "invalid": invalid, "in_label_studio": len(seen)}
+    except Exception as exc:  # an unreachable Label Studio must not fail the job: train on what we have
+        log.warning("project %s: reconcile with Label Studio failed: %s", project, exc)
+        return {"error": f"{exc.__class__.__name__}: {exc}"}

@@ -1,0 +1,167 @@
+"""Load each project's live model once per process and swap it when a new version goes live."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ml_backend.config import Settings
+from ml_backend.explain.cam import HeatmapExplainer
+from ml_backend.models.classifier import build_classifier, normalisation, pick_device
+from ml_backend.models.store import VersionInfo, VersionStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    project: str
+    version: str
+    labels: tuple[str, ...]
+    model: nn.Module
+    explainer: HeatmapExplainer
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    thresholds: np.ndarray
+    device: torch.device
+    meta: dict[str, Any]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def model_from_version(info: VersionInfo, store: VersionStore, device: torch.device) -> nn.Module:
+    meta = info.meta
+    model = build_classifier(meta["backbone"], len(meta["labels"]), output_stride=meta.get("output_stride", 32))
+    model.load_state_dict(store.load_state(info))
+    return model.to(device).eval()
+
+
+def initial_meta(settings: Settings, labels: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "backbone": settings.backbone,
+        "labels": list(labels),
+        "input_size": settings.input_size,
+        "output_stride": settings.output_stride,
+        "pretrained": settings.pretrained,
+        "parent": None,
+        "kind": "initial",
+    }
+
+
+def remap_head(model: nn.Module, old_labels: tuple[str, ...], new_labels: tuple[str, ...], meta: dict) -> nn.Module:
+    """A model for a new label set that keeps the backbone and the head rows of findings it already knew."""
+    new_model = build_classifier(meta["backbone"], len(new_labels), output_stride=meta.get("output_stride", 32))
+    old_state = model.state_dict()
+    head = new_model.get_classifier()
+    head_names = {name for name, module in new_model.named_modules() if module is head}
+    prefix = next(iter(head_names)) + "."
+    new_state = new_model.state_dict()
+    for key, value in old_state.items():
+        if not key.startswith(prefix) and key in new_state and new_state[key].shape == value.shape:
+            new_state[key] = value
+    for index, label in enumerate(new_labels):
+        if label in old_labels:
+            old_index = old_labels.index(label)
+            for suffix in ("weight", "bias"):
+                if prefix + suffix in old_state:
+                    new_state[prefix + suffix][index] = old_state[prefix + suffix][old_index]
+    new_model.load_state_dict(new_state)
+    return new_model
+
+
+class ModelRegistry:
+    """Per-process cache: ``get(project, labels)`` returns the live model, creating v0 on first use."""
+
+    def __init__(self, settings: Settings, store: VersionStore | None = None) -> None:
+        self.settings = settings
+        self.store = store or VersionStore(settings.model_dir)
+        self.device = pick_device(settings.device)
+        self._cache: dict[tuple[str, str], LoadedModel] = {}
+        self._lock = threading.Lock()
+
+    def ensure_version(self, project: str, labels: tuple[str, ...]) -> str:
+        """The live version for ``project``; creates the initial one, or a head-remapped one on a new label set."""
+        live = self.store.live_version(project)
+        if live is not None and tuple(self.store.info(project, live).meta["labels"]) == tuple(labels):
+            return live
+        with self._lock:
+            live = self.store.live_version(project)
+            if live is None:
+                torch.manual_seed(0)  # every process that races to create v0 builds the same weights
+                model = build_classifier(
+                    self.settings.backbone,
+                    len(labels),
+                    pretrained=self.settings.pretrained,
+                    output_stride=self.settings.output_stride,
+                )
+                meta = initial_meta(self.settings, labels)
+                try:
+                    info = self.store.save_version(project, model.state_dict(), meta, version="v0")
+                except FileExistsError:
+                    self.store.set_live(project, "v0")
+                    info = self.store.info(project, "v0")
+                log.info("project %s: created initial version %s for %d findings", project, info.version, len(labels))
+                return info.version
+            info = self.store.info(project, live)
+            if tuple(info.meta["labels"]) == tuple(labels):
+                return live
+            old = model_from_version(info, self.store, torch.device("cpu"))
+            model = remap_head(old, tuple(info.meta["labels"]), tuple(labels), info.meta)
+            meta = {
+                **info.meta,
+                "labels": list(labels),
+                "parent": live,
+                "kind": "label-set-change",
+                "created_at": None,
+                "thresholds": None,
+                "training": None,
+                "metrics": None,
+            }
+            new = self.store.save_version(project, model.state_dict(), meta)
+            log.info("project %s: label set changed, %s -> %s", project, live, new.version)
+            return new.version
+
+    def get(self, project: str, labels: tuple[str, ...] | None = None) -> LoadedModel:
+        version = self.ensure_version(project, labels) if labels else self.store.live_version(project)
+        if version is None:
+            raise LookupError(f"project {project} has no model yet: call /setup first")
+        key = (project, version)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is None:
+                cached = self._load(project, version)
+                # Keep only the live model per project: old versions are released once swapped out.
+                for old_key in [k for k in self._cache if k[0] == project]:
+                    del self._cache[old_key]
+                self._cache[key] = cached
+        return cached
+
+    def _load(self, project: str, version: str) -> LoadedModel:
+        info = self.store.info(project, version)
+        model = model_from_version(info, self.store, self.device)
+        labels = tuple(info.meta["labels"])
+        thresholds = info.meta.get("thresholds") or [self.settings.threshold] * len(labels)
+        mean, std = normalisation(model)
+        log.info("project %s: loaded %s (%s, %d findings)", project, version, info.meta["backbone"], len(labels))
+        return LoadedModel(
+            project=project,
+            version=version,
+            labels=labels,
+            model=model,
+            explainer=HeatmapExplainer(model),
+            input_size=int(info.meta.get("input_size", self.settings.input_size)),
+            mean=mean,
+            std=std,
+            thresholds=np.asarray(thresholds, dtype=np.float32),
+            device=self.device,
+            meta=info.meta,
+        )

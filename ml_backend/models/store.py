@@ -1,0 +1,161 @@
+"""Model versions on disk: one folder per version, written atomically, and a ``live`` pointer per project.
+
+Layout: ``MODEL_DIR/projects/<project>/versions/<version>/{model.pt, meta.json}`` and
+``MODEL_DIR/projects/<project>/live`` (the live version's name). A version folder is assembled under a
+temporary name and renamed into place, and ``live`` is replaced with ``os.replace``: a job killed at any
+point leaves either no new version or a complete one, never a half-written version live.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_VERSION = re.compile(r"^v(\d+)$")
+
+
+class VersionNotFound(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    project: str
+    version: str
+    path: Path
+    meta: dict[str, Any]
+
+
+def project_key(project: Any) -> str:
+    """Label Studio names a project ``"<id>.<created_at>"`` in ML requests and ``{"id": ...}`` in webhooks."""
+    if isinstance(project, dict):
+        project = project.get("id")
+    if project is None or project == "":
+        return "default"
+    text = str(project).split(".", 1)[0].strip()
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", text):
+        raise ValueError(f"invalid project identifier {project!r}")
+    return text
+
+
+class VersionStore:
+    def __init__(self, model_dir: Path) -> None:
+        self.root = Path(model_dir) / "projects"
+
+    def project_dir(self, project: str) -> Path:
+        return self.root / project
+
+    def live_version(self, project: str) -> str | None:
+        try:
+            name = (self.project_dir(project) / "live").read_text().strip()
+        except FileNotFoundError:
+            return None
+        return name if (self.project_dir(project) / "versions" / name / "meta.json").is_file() else None
+
+    def list_versions(self, project: str) -> list[VersionInfo]:
+        folder = self.project_dir(project) / "versions"
+        if not folder.is_dir():
+            return []
+        infos = []
+        for path in folder.iterdir():
+            match = _VERSION.match(path.name)
+            if match and (path / "meta.json").is_file():
+                infos.append(VersionInfo(project, path.name, path, json.loads((path / "meta.json").read_text())))
+        return sorted(infos, key=lambda info: int(_VERSION.match(info.version).group(1)))
+
+    def projects(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
+
+    def info(self, project: str, version: str) -> VersionInfo:
+        path = self.project_dir(project) / "versions" / version
+        if not (path / "meta.json").is_file():
+            raise VersionNotFound(f"project {project} has no version {version!r}")
+        return VersionInfo(project, version, path, json.loads((path / "meta.json").read_text()))
+
+    def load_state(self, info: VersionInfo) -> dict[str, torch.Tensor]:
+        return torch.load(info.path / "model.pt", map_location="cpu", weights_only=True)
+
+    def save_version(
+        self,
+        project: str,
+        state_dict: dict[str, torch.Tensor],
+        meta: dict[str, Any],
+        *,
+        version: str | None = None,
+        make_live: bool = True,
+        extra_files: dict[str, bytes] | None = None,
+    ) -> VersionInfo:
+        """Write a complete version folder atomically; ``version=None`` takes the next free ``v<n>``."""
+        versions_dir = self.project_dir(project) / "versions"
+        versions_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=versions_dir))
+        try:
+            torch.save(state_dict, staging / "model.pt")
+            for name, payload in (extra_files or {}).items():
+                (staging / name).write_bytes(payload)
+            for _attempt in range(100):
+                name = version or self._next_name(versions_dir)
+                full_meta = {
+                    **meta,
+                    "version": name,
+                    "project": project,
+                    "created_at": meta.get("created_at") or _utc_now(),
+                }
+                _write_atomic(staging / "meta.json", json.dumps(full_meta, indent=2).encode())
+                _fsync_dir(staging)
+                try:
+                    os.rename(staging, versions_dir / name)  # atomic; fails if the name was taken meanwhile
+                except OSError:
+                    if version is not None:
+                        raise FileExistsError(f"version {version} already exists in project {project}") from None
+                    continue
+                info = VersionInfo(project, name, versions_dir / name, full_meta)
+                if make_live:
+                    self.set_live(project, name)
+                return info
+            raise RuntimeError("could not allocate a version name")
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def set_live(self, project: str, version: str) -> None:
+        self.info(project, version)  # raises VersionNotFound
+        _write_atomic(self.project_dir(project) / "live", version.encode())
+
+    @staticmethod
+    def _next_name(versions_dir: Path) -> str:
+        numbers = [int(m.group(1)) for p in versions_dir.iterdir() if (m := _VERSION.match(p.name))]
+        return f"v{max(numbers, default=-1) + 1}"
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _write_atomic(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    for child in path.iterdir():
+        with open(child, "rb") as handle:
+            os.fsync(handle.fileno())

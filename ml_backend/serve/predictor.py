@@ -1,0 +1,178 @@
+"""Label Studio tasks in, one prediction per task out: findings, probabilities and a heatmap per finding."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+from ml_backend.config import Settings
+from ml_backend.explain.brush_rle import encode_alpha, heatmap_to_alpha
+from ml_backend.explain.cam import normalise_maps, upsample_maps
+from ml_backend.io.images import ImageError, LoadedImage, load_image
+from ml_backend.io.label_config import ProjectSchema
+from ml_backend.models.classifier import to_input_tensor
+from ml_backend.models.registry import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PredictStats:
+    """Counters exposed on /metrics."""
+
+    requests: int = 0
+    tasks: int = 0
+    failed_tasks: int = 0
+    seconds_total: float = 0.0
+    seconds_fetch: float = 0.0
+    seconds_model: float = 0.0
+    seconds_heatmaps: float = 0.0
+    last_errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def record_error(self, task_id: Any, reason: str) -> None:
+        self.failed_tasks += 1
+        self.last_errors = [*self.last_errors[-19:], {"task": task_id, "reason": reason}]
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    probabilities: np.ndarray  # (B, K)
+    cams: torch.Tensor  # (B, K, h, w), each map scaled to [0, 1]
+    features: torch.Tensor  # (B, C) pooled backbone features (ranking uses them for diversity)
+
+
+def run_model(loaded: LoadedModel, images: Sequence[np.ndarray], batch_size: int) -> ModelOutput:
+    probs, cams, feats = [], [], []
+    for start in range(0, len(images), batch_size):
+        batch = to_input_tensor(images[start : start + batch_size], loaded.input_size, loaded.mean, loaded.std)
+        with loaded.lock, torch.inference_mode():
+            features = loaded.explainer.features(batch.to(loaded.device))
+            logits, maps = loaded.explainer.logits_and_cams_from_features(features)
+        probs.append(torch.sigmoid(logits).float().cpu())
+        cams.append(normalise_maps(maps.float()).cpu())
+        feats.append(features.float().mean(dim=(2, 3)).cpu())
+    return ModelOutput(torch.cat(probs).numpy(), torch.cat(cams), torch.cat(feats))
+
+
+def task_image_ref(task: dict[str, Any], schema: ProjectSchema) -> str:
+    data = task.get("data")
+    if not isinstance(data, dict):
+        raise ImageError("task has no 'data' object")
+    ref = data.get(schema.image_value_key)
+    if not isinstance(ref, str) or not ref:
+        raise ImageError(f"task data has no image under {schema.image_value_key!r}")
+    return ref
+
+
+class Predictor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.http = httpx.Client(timeout=settings.fetch_timeout_s, follow_redirects=True)
+        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="predict-io")
+        self.stats = PredictStats()
+
+    def load_images(self, tasks: Sequence[dict[str, Any]], schema: ProjectSchema) -> list[LoadedImage | str]:
+        """Each task's image, or the reason it could not be loaded."""
+
+        def one(task: dict[str, Any]) -> LoadedImage | str:
+            try:
+                if not isinstance(task, dict):
+                    raise ImageError("task is not a JSON object")
+                return load_image(task_image_ref(task, schema), self.settings, self.http)
+            except ImageError as exc:
+                return str(exc)
+            except Exception as exc:  # a bad task must never sink the batch
+                log.exception("unexpected error loading task image")
+                return f"unexpected error: {exc.__class__.__name__}: {exc}"
+
+        return list(self.pool.map(one, tasks))
+
+    def predict(self, tasks: Sequence[dict[str, Any]], schema: ProjectSchema, loaded: LoadedModel) -> list[dict]:
+        started = time.perf_counter()
+        images = self.load_images(tasks, schema)
+        fetched = time.perf_counter()
+        good = [i for i, img in enumerate(images) if isinstance(img, LoadedImage)]
+        output = run_model(loaded, [images[i].pixels for i in good], self.settings.predict_batch_size) if good else None
+        modelled = time.perf_counter()
+
+        def build(slot: int) -> dict[str, Any]:
+            index = good[slot]
+            return self.task_prediction(schema, loaded, output.probabilities[slot], output.cams[slot], images[index])
+
+        built = list(self.pool.map(build, range(len(good))))
+        results: list[dict[str, Any]] = []
+        by_index = dict(zip(good, built, strict=True))
+        for index, task in enumerate(tasks):
+            if index in by_index:
+                results.append(by_index[index])
+                continue
+            task_id = task.get("id") if isinstance(task, dict) else None
+            log.warning("task %s: no prediction: %s", task_id, images[index])
+            self.stats.record_error(task_id, str(images[index]))
+            results.append({"result": [], "score": 0.0, "model_version": loaded.version})
+        finished = time.perf_counter()
+        self.stats.requests += 1
+        self.stats.tasks += len(tasks)
+        self.stats.seconds_fetch += fetched - started
+        self.stats.seconds_model += modelled - fetched
+        self.stats.seconds_heatmaps += finished - modelled
+        self.stats.seconds_total += finished - started
+        return results
+
+    def task_prediction(
+        self,
+        schema: ProjectSchema,
+        loaded: LoadedModel,
+        probabilities: np.ndarray,
+        cams: torch.Tensor,
+        image: LoadedImage,
+    ) -> dict[str, Any]:
+        predicted = [k for k, p in enumerate(probabilities) if p >= loaded.thresholds[k]]
+        findings = [loaded.labels[k] for k in predicted]
+        confidence = float(np.mean(np.maximum(probabilities, 1.0 - probabilities)))
+        result: list[dict[str, Any]] = []
+        choices = findings or ([schema.no_finding_label] if schema.no_finding_label else [])
+        if choices:
+            result.append(
+                {
+                    "id": "findings",
+                    "from_name": schema.choices_name,
+                    "to_name": schema.image_name,
+                    "type": "choices",
+                    "value": {"choices": choices},
+                    "score": confidence,
+                    # Every finding's probability, kept with the prediction for review and ranking.
+                    "probabilities": {
+                        label: round(float(p), 6) for label, p in zip(loaded.labels, probabilities, strict=True)
+                    },
+                }
+            )
+        with_heatmap = [k for k in predicted if schema.brush_name and loaded.labels[k] in schema.brush_labels]
+        if with_heatmap:
+            heat = upsample_maps(cams[with_heatmap], image.height, image.width).clamp_(0, 1).numpy()
+            for k, finding_heat in zip(with_heatmap, heat, strict=True):
+                alpha = heatmap_to_alpha(
+                    finding_heat, levels=self.settings.heatmap_levels, floor=self.settings.heatmap_floor
+                )
+                result.append(
+                    {
+                        "id": f"heatmap-{k}",
+                        "from_name": schema.brush_name,
+                        "to_name": schema.image_name,
+                        "type": "brushlabels",
+                        "original_width": image.width,
+                        "original_height": image.height,
+                        "image_rotation": 0,
+                        "value": {"format": "rle", "rle": encode_alpha(alpha), "brushlabels": [loaded.labels[k]]},
+                        "score": round(float(probabilities[k]), 6),
+                    }
+                )
+        return {"result": result, "score": confidence, "model_version": loaded.version}

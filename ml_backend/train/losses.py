@@ -1,0 +1,74 @@
+"""The training objective: an imbalance-aware prediction loss plus attention terms driven by brush masks.
+
+* Ignore masks ("never look here") penalise the input gradient inside the mask (Right for the Right
+  Reasons, Ross et al. 2017). That removes the model's *dependence* on those pixels; penalising heatmap mass
+  there does not (measured in ../shared/docs/design-notes.md: the evidence moves to neighbouring cells).
+* Evidence masks for a finding penalise the share of that finding's Grad-CAM mass outside the mask, so the
+  heatmaps physicians see move to where they said the evidence is.
+
+Each attention term is rescaled every step to ``m x`` the prediction loss (the weight is a detached ratio),
+so one relative weight works for any backbone: input gradients start near zero, which makes a fixed lambda
+chosen from "equal losses at the start" explode (lambda ~ 1e8), and m = 0.1 worked where m = 1 collapsed it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.loss import AsymmetricLossMultiLabel
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    prediction: str = "wbce"  # "wbce" (BCE with per-finding positive weights), "asl" or "bce"
+    ignore_weight: float = 0.1  # m for the input-gradient term, relative to the prediction loss
+    evidence_weight: float = 0.1  # m for the heatmap-alignment term
+    max_pos_weight: float = 20.0
+
+
+def positive_weights(targets: torch.Tensor, cap: float) -> torch.Tensor:
+    """neg/pos per finding (CheXNet-style weighted BCE), capped so a finding with 2 positives cannot dominate."""
+    positives = targets.sum(dim=0)
+    negatives = targets.shape[0] - positives
+    return torch.where(positives > 0, negatives / positives.clamp_min(1), torch.ones_like(positives)).clamp(1.0, cap)
+
+
+def prediction_loss(
+    logits: torch.Tensor, targets: torch.Tensor, config: LossConfig, pos_weight: torch.Tensor
+) -> torch.Tensor:
+    if config.prediction == "asl":
+        # timm's ASL sums over the batch; divide to keep the scale of a mean loss.
+        return AsymmetricLossMultiLabel(gamma_neg=4, gamma_pos=0, clip=0.05)(logits, targets) / logits.numel()
+    if config.prediction == "bce":
+        return F.binary_cross_entropy_with_logits(logits, targets)
+    if config.prediction == "wbce":
+        return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight)
+    raise ValueError(f"unknown prediction loss {config.prediction!r} (wbce, asl or bce)")
+
+
+def input_gradient_penalty(logits: torch.Tensor, inputs: torch.Tensor, ignore_masks: torch.Tensor) -> torch.Tensor:
+    """RRR: squared input gradient of the summed logits inside the ignore masks, per masked image.
+
+    ``inputs`` must require grad and ``logits`` come from them; ``create_graph`` makes it trainable
+    (double backpropagation, about 2x a plain step, so only masked images go through it).
+    """
+    (grad,) = torch.autograd.grad(logits.sum(), inputs, create_graph=True)
+    return (grad * ignore_masks).pow(2).sum(dim=(1, 2, 3)).mean()
+
+
+def evidence_outside_share(cams: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:
+    """Mean share of Grad-CAM mass outside the evidence mask, over the (image, finding) pairs given.
+
+    ``cams`` (N, h, w) non-negative maps; ``evidence`` (N, h, w) in [0, 1] (share of each cell the physician
+    marked). Minimising it rewards mass inside and penalises mass outside at once.
+    """
+    mass = cams.sum(dim=(1, 2)) + 1e-6
+    return ((cams * (1.0 - evidence)).sum(dim=(1, 2)) / mass).mean()
+
+
+def relative(term: torch.Tensor, reference: torch.Tensor, m: float) -> torch.Tensor:
+    """``term`` rescaled to ``m x reference`` in value, keeping its gradient direction."""
+    scale = m * reference.detach() / term.detach().clamp_min(1e-12)
+    return term * scale
