@@ -1,0 +1,30 @@
+"""The bias report of one project's model versions, from the metrics stored with each version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ml_backend.measure.report import render_report_html, write_report
+from ml_backend.models.store import VersionStore
+
+
+def project_versions(store: VersionStore, project: str) -> list[dict[str, Any]]:
+    """Report entries oldest -> newest; versions without metrics (initial, label-set changes) are listed too."""
+    return [
+        {
+            "version": info.version,
+            "created_at": info.meta.get("created_at"),
+            "parent": info.meta.get("parent"),
+            "metrics": info.meta.get("metrics") or {},
+        }
+        for info in store.list_versions(project)
+    ]
+
+
+def render_project_report(store: VersionStore, project: str) -> str:
+    return render_report_html(project_versions(store, project))
+
+
+def write_project_report(store: VersionStore, project: str, out_dir: Path) -> Path:
+    return write_report(project_versions(store, project), out_dir)
