@@ -143,7 +143,7 @@ def cmd_activate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ml_backend.measure.report import write_project_report
+    from ml_backend.measure.project_report import write_project_report
     from ml_backend.models.store import VersionStore
 
     store = VersionStore(Settings.from_env().model_dir)

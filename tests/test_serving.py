@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CHEST_CONFIG, FULLRES, NIH, shared_or_skip
 from fastapi.testclient import TestClient
 from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
-from conftest import CHEST_CONFIG, FULLRES, NIH, shared_or_skip
 from ml_backend.serve.app import create_app
 
 
@@ -156,8 +156,12 @@ def test_bad_tasks_get_empty_results_and_do_not_sink_the_batch(client, ls_reques
         ("/predict", b"", 400, "empty"),
         ("/predict", b'{"tasks": "nope", "label_config": "<View/>"}', 400, "'tasks' must be a list"),
         ("/predict", b'{"tasks": [{"id": 1}]}', 400, "label config missing"),
-        ("/predict", b'{"tasks": [], "label_config": "<View><Image name=\\"i\\" value=\\"$i\\"/></View>"}', 422,
-         "Choices"),
+        (
+            "/predict",
+            b'{"tasks": [], "label_config": "<View><Image name=\\"i\\" value=\\"$i\\"/></View>"}',
+            422,
+            "Choices",
+        ),
         ("/predict", b'{"tasks": [], "label_config": "<View><Choices"}', 422, "label config"),
         ("/setup", b'{"project": "1.2"}', 400, "label config missing"),
         ("/setup", b'{"schema": "<View></View>", "project": "1.2"}', 422, "Image"),
@@ -185,7 +189,9 @@ def test_label_set_follows_the_project_and_models_are_cached(client, ls_request,
     client.post("/predict", json=small)
     assert registry.get("7", ("Cardiomegaly", "Effusion", "Nodule")).model is first  # loaded once, not per request
     # the project's label set changes: a new version keeps the known findings' head rows
-    changed = small["label_config"].replace('<Choice value="Nodule"/>', '<Choice value="Nodule"/><Choice value="Mass"/>')
+    changed = small["label_config"].replace(
+        '<Choice value="Nodule"/>', '<Choice value="Nodule"/><Choice value="Mass"/>'
+    )
     small["label_config"] = changed
     answer = client.post("/predict", json=small).json()
     assert answer["model_version"] == "v1"

@@ -14,6 +14,8 @@ from typing import Any
 from ml_backend.io.label_config import ProjectSchema
 
 IGNORE = "__ignore__"  # mask key for "never look here" regions
+# Task data fields used to measure group fairness of each new version (when the project imports them).
+GROUP_FIELDS = ("patient_id", "sex", "age")
 
 
 class AnnotationError(ValueError):
@@ -36,6 +38,7 @@ class AnnotationRecord:
     positives: list[str]
     masks: dict[str, MaskRef] = field(default_factory=dict)  # finding name or IGNORE -> mask
     updated_at: str | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)  # sex, age, patient_id when the task data has them
     seq: int = 0  # assigned by the store: the order annotations were acknowledged in
 
     def to_json(self) -> dict[str, Any]:

@@ -14,8 +14,10 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import redis
@@ -48,11 +50,20 @@ def training_queue(conn: redis.Redis) -> Queue:
     return Queue(QUEUE_NAME, connection=conn, default_timeout=6 * 3600)
 
 
-def _job_status(conn: redis.Redis, job_id: str) -> JobStatus | None:
+def _job_alive(conn: redis.Redis, job_id: str) -> bool:
+    """Queued, or started by a worker that still sends heartbeats (a SIGKILLed worker's job stays 'started')."""
     try:
-        return Job.fetch(job_id, connection=conn).get_status(refresh=False)
+        job = Job.fetch(job_id, connection=conn)
     except NoSuchJobError:
-        return None
+        return False
+    status = job.get_status(refresh=False)
+    if status == JobStatus.STARTED:
+        beat = job.last_heartbeat
+        if beat is None:
+            return True
+        now = datetime.now(beat.tzinfo) if beat.tzinfo else datetime.utcnow()
+        return (now - beat).total_seconds() < 3 * max(lock_ttl_s(), 60)
+    return status in _ACTIVE
 
 
 def schedule_training(conn: redis.Redis, project: str, *, reason: str, reconcile: bool = False) -> str | None:
@@ -61,7 +72,7 @@ def schedule_training(conn: redis.Redis, project: str, *, reason: str, reconcile
     job_id = f"train-{project}-{uuid.uuid4().hex[:12]}"
     if not conn.set(queued_key, job_id, nx=True):
         existing = conn.get(queued_key)
-        if existing is not None and _job_status(conn, existing.decode()) in _ACTIVE:
+        if existing is not None and _job_alive(conn, existing.decode()):
             if reconcile:
                 conn.set(key(project, "reconcile"), "1")
             return None
@@ -82,18 +93,37 @@ def schedule_training(conn: redis.Redis, project: str, *, reason: str, reconcile
     return job_id
 
 
-def acquire_project_lock(conn: redis.Redis, project: str, job_id: str, poll_s: float = 0.5) -> None:
-    """Block until this job is the only running training job of the project."""
+_REFRESH_IF_OWNER = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+)
+
+
+def lock_ttl_s() -> float:
+    return float(os.environ.get("TRAINING_LOCK_TTL_S", "60"))
+
+
+def acquire_project_lock(conn: redis.Redis, project: str, job_id: str, poll_s: float = 0.5) -> threading.Event:
+    """Block until this job is the only running training job of the project.
+
+    The lock expires unless refreshed, and a heartbeat thread refreshes it while the job lives: a worker
+    killed mid-training (even with SIGKILL) frees the project after at most TRAINING_LOCK_TTL_S seconds.
+    Returns an event; set it to stop the heartbeat (``release`` the lock afterwards).
+    """
     lock_key = key(project, "lock")
-    while True:
-        if conn.set(lock_key, job_id, nx=True, ex=24 * 3600):
-            return
-        holder = conn.get(lock_key)
-        if holder is not None and holder.decode() != job_id and _job_status(conn, holder.decode()) != JobStatus.STARTED:
-            log.warning("project %s: taking over the lock of dead job %s", project, holder.decode())
-            conn.delete(lock_key)
-            continue
+    ttl_ms = int(lock_ttl_s() * 1000)
+    while not conn.set(lock_key, job_id, nx=True, px=ttl_ms):
         time.sleep(poll_s)
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(ttl_ms / 3000):
+            try:
+                conn.eval(_REFRESH_IF_OWNER, 1, lock_key, job_id, ttl_ms)
+            except redis.RedisError as exc:  # keep trying; losing the lock only risks a concurrent job
+                log.warning("project %s: lock heartbeat failed: %s", project, exc)
+
+    threading.Thread(target=heartbeat, name=f"lock-{project}", daemon=True).start()
+    return stop
 
 
 def release(conn: redis.Redis, redis_key: str, value: str) -> None:

@@ -208,7 +208,7 @@ def create_app(settings: Settings | None = None, webhook: WebhookHandler | None 
 
     @app.get("/report", response_class=HTMLResponse)
     async def report(project: str | None = None) -> HTMLResponse:
-        from ml_backend.measure.report import render_project_report  # matplotlib loads only when asked
+        from ml_backend.measure.project_report import render_project_report  # matplotlib loads only when asked
 
         key = _project(project) if project else (store.projects() or ["default"])[0]
         html = await run_in_threadpool(render_project_report, store, key)

@@ -24,6 +24,7 @@ class Example:
     evidence: dict[int, np.ndarray] = field(default_factory=dict)  # finding index -> bool/float (H, W)
     key: str = ""  # task id or image name, for logs and splits
     group: str = ""  # e.g. patient id: splits never put one patient on both sides
+    attributes: dict = field(default_factory=dict)  # sex, age... for fairness metrics
 
 
 @dataclass

@@ -20,7 +20,7 @@ from ml_backend.feedback.reconcile import reconcile_with_label_studio
 from ml_backend.feedback.store import AnnotationStore
 from ml_backend.io.images import ImageError, load_image
 from ml_backend.io.label_config import parse_label_config
-from ml_backend.measure.metrics import choose_thresholds, per_finding_metrics
+from ml_backend.measure.metrics import age_bins, choose_thresholds, evaluate_version, per_finding_metrics
 from ml_backend.models.classifier import normalisation, pick_device
 from ml_backend.models.registry import ModelRegistry, model_from_version
 from ml_backend.models.store import VersionStore
@@ -85,6 +85,22 @@ def record_to_example(
     )
 
 
+def evaluate_holdout(
+    y_true: np.ndarray, y_prob: np.ndarray, labels: tuple[str, ...], held: list[Example], thresholds: list[float]
+) -> dict[str, Any]:
+    """The shared bias metrics on the held-out annotations (groups from task data when present)."""
+    groups: dict[str, np.ndarray] = {}
+    sexes = [e.attributes.get("sex") for e in held]
+    if any(sexes):
+        groups["sex"] = np.array([s or "unknown" for s in sexes], dtype=object)
+    ages = [e.attributes.get("age") for e in held]
+    if any(a is not None for a in ages):
+        groups["age"] = age_bins([float(a) if a is not None else np.nan for a in ages])
+    return evaluate_version(
+        y_true, y_prob, labels, groups, thresholds=thresholds, cluster_ids=[e.group for e in held], n_boot=100
+    )
+
+
 def build_examples(
     records: list[AnnotationRecord], labels: tuple[str, ...], settings: Settings
 ) -> tuple[list[Example], list[dict[str, Any]]]:
@@ -114,7 +130,7 @@ def train_project(project: str, settings: Settings | None = None, *, force: bool
     job = get_current_job()
     job_id = job.id if job else f"inline-{os.getpid()}-{time.time()}"
     _progress(stage="waiting for project lock", project=project)
-    acquire_project_lock(conn, project, job_id)
+    heartbeat = acquire_project_lock(conn, project, job_id)
     try:
         # From here on, new annotations schedule the next job; everything acknowledged so far is ours.
         release(conn, key(project, "queued"), job_id)
@@ -126,6 +142,7 @@ def train_project(project: str, settings: Settings | None = None, *, force: bool
         generation, records = store.snapshot()
         return _train_snapshot(project, settings, generation, records, force, reconcile_summary)
     finally:
+        heartbeat.set()
         release(conn, key(project, "lock"), job_id)
 
 
@@ -179,14 +196,15 @@ def _train_snapshot(
     thresholds = parent.meta.get("thresholds")
     if len(holdout):
         _progress(stage="evaluating")
+        held = [examples[i] for i in holdout_idx]
         y_true = holdout.targets.numpy()
         new_probs = predict_probabilities(model, holdout.images)
-        thresholds = choose_thresholds(y_true, new_probs).tolist() if len(holdout) >= 20 else thresholds
-        current = thresholds if thresholds is not None else settings.threshold
-        metrics = per_finding_metrics(y_true, new_probs, labels, current)
-        metrics["parent"] = per_finding_metrics(
-            y_true, parent_probs, labels, parent.meta.get("thresholds") or settings.threshold
-        )
+        if len(holdout) >= 20:  # too few held-out images make per-finding thresholds noise
+            thresholds = choose_thresholds(y_true, new_probs).tolist()
+        current = thresholds if thresholds is not None else [settings.threshold] * len(labels)
+        metrics = evaluate_holdout(y_true, new_probs, labels, held, current)
+        parent_thresholds = parent.meta.get("thresholds") or [settings.threshold] * len(labels)
+        metrics["parent"] = per_finding_metrics(y_true, parent_probs, labels, parent_thresholds)
     meta = {
         **parent.meta,
         "parent": parent_version,
