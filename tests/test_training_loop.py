@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from conftest import CHEST_CONFIG, NIH, ROOT, shared_or_skip
 from fastapi.testclient import TestClient
-from rq import Worker
 from rq.job import Job
 from test_feedback import annotation_event
 
@@ -46,6 +45,23 @@ def loop_env(settings, redis_url, redis_conn, file_root, nih_manifest, monkeypat
     return configured, records, env
 
 
+def run_worker_burst(env: dict[str, str]) -> None:
+    """A real `medebiaser worker --burst` process: it forks a work-horse per job, as in production.
+
+    (Forking from this test process instead would copy a torch runtime whose thread pools are already
+    started, which can crash the child; the worker command never touches torch before forking.)
+    """
+    done = subprocess.run(
+        [sys.executable, "-m", "ml_backend.cli", "worker", "--burst"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def post_annotations(client: TestClient, records: list[dict]) -> list[dict]:
     answers = []
     for i, record in enumerate(records):
@@ -70,7 +86,7 @@ def post_annotations(client: TestClient, records: list[dict]) -> list[dict]:
 
 
 def test_webhook_to_new_version_served_by_predict(loop_env, redis_conn, ls_request) -> None:
-    settings, records, _ = loop_env
+    settings, records, env = loop_env
     with TestClient(create_app(settings)) as client:
         setup = ls_request("setup")
         setup.update(schema=CHEST_CONFIG, project="5.1795625307")
@@ -90,7 +106,7 @@ def test_webhook_to_new_version_served_by_predict(loop_env, redis_conn, ls_reque
         queue = training_queue(redis_conn)
         assert queue.count == 1
 
-        assert Worker([queue], connection=redis_conn).work(burst=True)  # forks a work-horse per job
+        run_worker_burst(env)
         job = Job.fetch(job_ids.pop(), connection=redis_conn)
         result = job.return_value()
         assert job.get_status() == "finished", job.latest_result().exc_string if job.latest_result() else None
@@ -124,7 +140,7 @@ def test_webhook_to_new_version_served_by_predict(loop_env, redis_conn, ls_reque
         from ml_backend.feedback.queue import schedule_training
 
         again = schedule_training(redis_conn, "5", reason="test")
-        Worker([queue], connection=redis_conn).work(burst=True)
+        run_worker_burst(env)
         assert Job.fetch(again, connection=redis_conn).return_value()["status"] == "skipped"
 
         # rollback with the CLI; the server serves the old version on its next request
@@ -182,7 +198,7 @@ def test_killed_training_leaves_the_live_version_intact(loop_env, redis_conn) ->
     time.sleep(3.5)
     job_id = schedule_training(redis_conn, "5", reason="after crash")
     assert job_id is not None  # the dead job's queued marker does not swallow new work
-    Worker([training_queue(redis_conn)], connection=redis_conn).work(burst=True)
+    run_worker_burst(env)
     # rq re-queues the abandoned job when a worker cleans its registries: whichever job runs first trains
     # on every annotation, the other finds nothing new. Exactly one new version, complete and live.
     outcome = Job.fetch(job_id, connection=redis_conn).return_value()
