@@ -154,7 +154,7 @@ def create_app(settings: Settings | None = None, webhook: WebhookHandler | None 
         return {"model_version": version}
 
     @app.post("/predict")
-    async def predict(request: Request) -> dict[str, Any]:
+    async def predict(request: Request) -> JSONResponse:
         body = await _json_body(request)
         tasks = body.get("tasks")
         if not isinstance(tasks, list):
@@ -164,10 +164,11 @@ def create_app(settings: Settings | None = None, webhook: WebhookHandler | None 
         schema = _schema(config) if config is not None or project not in schemas else schemas[project]
         schemas[project] = schema
         if not tasks:
-            return {"results": []}
+            return JSONResponse({"results": []})
         loaded = await run_in_threadpool(registry.get, project, schema.findings)
         results = await run_in_threadpool(predictor.predict, tasks, schema, loaded)
-        return {"results": results, "model_version": loaded.version}
+        # A JSONResponse is serialised by json.dumps in C; FastAPI's encoder would walk every RLE byte in Python.
+        return JSONResponse({"results": results, "model_version": loaded.version})
 
     @app.post("/webhook")
     async def webhook_route(request: Request) -> JSONResponse:

@@ -61,6 +61,10 @@ def _set_train_mode(model: nn.Module, freeze_batchnorm: bool) -> None:
                 module.eval()
 
 
+def _batchnorm_training(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+
+
 def train_step(
     explainer: HeatmapExplainer,
     batch: ExampleTensors,
@@ -71,24 +75,35 @@ def train_step(
     masked = batch.has_ignore
     images = batch.images
     parts: dict[str, float] = {}
-    if masked.any():
-        # Split the batch so only masked images need a differentiable input gradient.
-        x_masked = images[masked].clone().requires_grad_(True)
-        order = torch.cat([masked.nonzero()[:, 0], (~masked).nonzero()[:, 0]])
-        feats_masked = explainer.features(x_masked)
-        feats_rest = explainer.features(images[~masked]) if (~masked).any() else None
-        features = feats_masked if feats_rest is None else torch.cat([feats_masked, feats_rest])
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order), device=order.device)
-        features = features[inverse]
+    x_masked: torch.Tensor | None = None
+    if masked.any() and config.ignore_weight > 0:
+        if _batchnorm_training(explainer.model):
+            # Batch statistics couple the samples: keep the batch whole (splitting it would normalise a
+            # sub-batch of one or two masked images by its own statistics).
+            images = images.clone().requires_grad_(True)
+            features = explainer.features(images)
+            x_masked = images
+        else:
+            # Frozen batch norm (fine-tuning): only the masked images need a differentiable input gradient.
+            x_masked = images[masked].clone().requires_grad_(True)
+            order = torch.cat([masked.nonzero()[:, 0], (~masked).nonzero()[:, 0]])
+            feats_masked = explainer.features(x_masked)
+            feats_rest = explainer.features(images[~masked]) if (~masked).any() else None
+            features = feats_masked if feats_rest is None else torch.cat([feats_masked, feats_rest])
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(len(order), device=order.device)
+            features = features[inverse]
     else:
         features = explainer.features(images)
     logits, cams = explainer.logits_and_cams_from_features(features)
     pred = prediction_loss(logits, batch.targets, config, pos_weight)
     total = pred
     parts["prediction"] = float(pred.detach())
-    if masked.any() and config.ignore_weight > 0:
-        rrr = input_gradient_penalty(logits[masked], x_masked, batch.ignore[masked])
+    if x_masked is not None:
+        if x_masked.shape[0] == masked.shape[0]:  # whole batch carries the graph; penalise masked rows only
+            rrr = input_gradient_penalty(logits[masked], x_masked, batch.ignore) * (masked.numel() / masked.sum())
+        else:
+            rrr = input_gradient_penalty(logits[masked], x_masked, batch.ignore[masked])
         total = total + relative(rrr, pred, config.ignore_weight)
         parts["ignore_gradient"] = float(rrr.detach())
     if batch.has_evidence.any() and config.evidence_weight > 0:

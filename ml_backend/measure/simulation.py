@@ -1,0 +1,215 @@
+"""Shortcut experiments on a labelled image folder: the machinery shared by the mechanism test and the
+simulated-physician benchmark.
+
+A folder with a ``manifest.json`` (image, labels, patient_id, sex, age, optional ChestX-Det regions; the
+layout of ../shared/data/nih1000) is loaded once; a shortcut marker is stamped on the training images of
+one finding (more often for one sex); models are trained with the product's own trainer and losses and
+measured with the product's own metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ml_backend.measure.metrics import age_bins, choose_thresholds, evaluate_version, polygon_mask
+from ml_backend.measure.shortcut import shortcut_dependence, stamp_marker
+from ml_backend.models.classifier import build_classifier, normalisation, to_input_tensor
+from ml_backend.train.examples import Example, tensorise
+from ml_backend.train.trainer import TrainConfig, fine_tune, heatmap_grid, predict_probabilities
+
+DEFAULT_FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Effusion", "Infiltration", "Pneumothorax")
+
+
+@dataclass
+class LabelledImages:
+    images: np.ndarray  # (N, H, W) float32 in [0, 1]
+    labels: np.ndarray  # (N, K) float32
+    findings: tuple[str, ...]
+    patients: np.ndarray  # (N,) str
+    sex: np.ndarray  # (N,) "M"/"F"
+    age: np.ndarray  # (N,) float
+    regions: list[dict[int, np.ndarray]]  # per image: finding index -> bool mask (ChestX-Det polygons)
+    names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> LabelledImages:
+        index = np.asarray(index)
+        return LabelledImages(
+            self.images[index],
+            self.labels[index],
+            self.findings,
+            self.patients[index],
+            self.sex[index],
+            self.age[index],
+            [self.regions[i] for i in index],
+            [self.names[i] for i in index] if self.names else [],
+        )
+
+
+def load_manifest_folder(folder: Path, findings: Sequence[str] = DEFAULT_FINDINGS) -> LabelledImages:
+    folder = Path(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    images, labels, regions = [], [], []
+    for record in manifest:
+        image = np.asarray(Image.open(folder / record["image"]).convert("L"), dtype=np.float32) / 255.0
+        images.append(image)
+        labels.append([float(f in record["labels"]) for f in findings])
+        masks: dict[int, np.ndarray] = {}
+        for region in record.get("chestxdet") or []:
+            if region.get("label") in findings:
+                k = findings.index(region["label"])
+                shape = region.get("polygon") or region.get("xyxy")
+                mask = polygon_mask(shape, record.get("coord_space", 1024), image.shape)
+                masks[k] = masks[k] | mask if k in masks else mask
+        regions.append(masks)
+    return LabelledImages(
+        np.stack(images),
+        np.asarray(labels, np.float32),
+        tuple(findings),
+        np.array([str(r["patient_id"]) for r in manifest]),
+        np.array([r.get("sex", "") for r in manifest]),
+        np.array([float(r.get("age", np.nan)) for r in manifest]),
+        regions,
+        [r["image"] for r in manifest],
+    )
+
+
+def patient_folds(patients: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """k disjoint test-index arrays; a patient's images are always in the same fold."""
+    unique = np.unique(patients)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    fold_of = {p: i % k for i, p in zip(range(len(unique)), unique[order], strict=True)}
+    assignment = np.array([fold_of[p] for p in patients])
+    return [np.flatnonzero(assignment == i) for i in range(k)]
+
+
+@dataclass
+class Shortcut:
+    finding: str = "Cardiomegaly"
+    p_positive_male: float = 1.0  # marker on this share of the finding's positives among men...
+    p_positive_female: float = 0.8  # ...and women: a group disparity on top of the shortcut
+    p_negative: float = 0.03
+
+
+def inject_shortcut(
+    data: LabelledImages, shortcut: Shortcut, rng: np.random.Generator
+) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """Images with markers stamped per the shortcut's rates, and each image's marker mask (None if none)."""
+    k = data.findings.index(shortcut.finding)
+    images = data.images.copy()
+    masks: list[np.ndarray | None] = [None] * len(data)
+    for i in range(len(data)):
+        positive = data.labels[i, k] > 0
+        rate = (
+            (shortcut.p_positive_male if data.sex[i] == "M" else shortcut.p_positive_female)
+            if positive
+            else (shortcut.p_negative)
+        )
+        if rng.random() < rate:
+            images[i], masks[i] = stamp_marker(images[i], rng)
+    return images, masks
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    backbone: str = "resnet10t"
+    output_stride: int = 16
+    input_size: int = 64
+    scratch: TrainConfig = TrainConfig(epochs=8, batch_size=64, lr=1e-3, freeze_batchnorm=False)
+    finetune: TrainConfig = TrainConfig(epochs=3, batch_size=64, lr=3e-4, freeze_batchnorm=True)
+
+
+def new_model(spec: ModelSpec, num_classes: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_classifier(spec.backbone, num_classes, output_stride=spec.output_stride)
+
+
+def make_tensors(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    images: np.ndarray,
+    labels: np.ndarray,
+    ignore: Sequence[np.ndarray | None] | None = None,
+    evidence: Sequence[dict[int, np.ndarray]] | None = None,
+):
+    mean, std = normalisation(model)
+    grid = heatmap_grid(model, spec.input_size)
+    examples = [
+        Example(
+            image=images[i],
+            targets=labels[i],
+            ignore=ignore[i] if ignore else None,
+            evidence=evidence[i] if evidence else {},
+        )
+        for i in range(len(images))
+    ]
+    return tensorise(examples, labels.shape[1], spec.input_size, grid, mean, std)
+
+
+def train(model: torch.nn.Module, tensors, config: TrainConfig, seed: int) -> list[dict[str, float]]:
+    return fine_tune(model, tensors, replace(config, seed=seed))
+
+
+def probabilities(model: torch.nn.Module, spec: ModelSpec, images: Sequence[np.ndarray]) -> np.ndarray:
+    mean, std = normalisation(model)
+    return predict_probabilities(model, to_input_tensor(list(images), spec.input_size, mean, std))
+
+
+def evaluate(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    test: LabelledImages,
+    shortcut: Shortcut,
+    thresholds: np.ndarray,
+    seed: int,
+    with_bias_metrics: bool = True,
+) -> dict[str, Any]:
+    """Shortcut dependence (paired), the finding's AUROC on marker-free test images, macro-F1 and EOD."""
+    k = test.findings.index(shortcut.finding)
+    probs = probabilities(model, spec, test.images)
+    dependence = shortcut_dependence(lambda imgs: probabilities(model, spec, imgs), test.images, k, seed=seed)
+    from sklearn.metrics import roc_auc_score
+
+    result: dict[str, Any] = {
+        "delta_p": dependence["delta_p"],
+        "shortcut_auroc": float(roc_auc_score(test.labels[:, k], probs[:, k]))
+        if 0 < test.labels[:, k].sum() < len(test)
+        else None,
+        "probabilities": probs,
+    }
+    if with_bias_metrics:
+        metrics = evaluate_version(
+            test.labels,
+            probs,
+            test.findings,
+            {"sex": test.sex, "age": age_bins(test.age)},
+            thresholds=thresholds,
+            cluster_ids=test.patients,
+            n_boot=50,
+            seed=seed,
+        )
+        result.update(
+            macro_f1=metrics["macro_f1"],
+            macro_auroc=metrics["macro_auroc"],
+            eod_sex_worst=(metrics["fairness"].get("sex") or {}).get("worst"),
+            eod_sex_shortcut=(
+                (metrics["fairness"].get("sex") or {}).get("per_finding", {}).get(shortcut.finding) or {}
+            ).get("eod"),
+        )
+    return result
+
+
+def validation_thresholds(
+    model: torch.nn.Module, spec: ModelSpec, images: np.ndarray, labels: np.ndarray
+) -> np.ndarray:
+    return choose_thresholds(labels, probabilities(model, spec, images))
