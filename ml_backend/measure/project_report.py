@@ -5,8 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ml_backend.measure.report import render_report_html, write_report
 from ml_backend.models.store import VersionStore
+
+
+def _examples(path: Path) -> list[dict[str, Any]]:
+    """Held-out example heatmaps the training job saved with the version (``examples.npz``)."""
+    if not path.is_file():
+        return []
+    with np.load(path, allow_pickle=False) as data:
+        return [
+            {
+                "image": data["images"][i],
+                "heatmap": data["heatmaps"][i],
+                "finding": str(data["findings"][i]),
+                "prob": float(data["probs"][i]),
+            }
+            for i in range(len(data["images"]))
+        ]
 
 
 def project_versions(store: VersionStore, project: str) -> list[dict[str, Any]]:
@@ -17,6 +35,7 @@ def project_versions(store: VersionStore, project: str) -> list[dict[str, Any]]:
             "created_at": info.meta.get("created_at"),
             "parent": info.meta.get("parent"),
             "metrics": info.meta.get("metrics") or {},
+            "examples": _examples(info.path / "examples.npz"),
         }
         for info in store.list_versions(project)
     ]

@@ -10,6 +10,8 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
 from rq import get_current_job
 
 from ml_backend.config import Settings
@@ -83,6 +85,38 @@ def record_to_example(
         key=str(record.task_id),
         group=str(record.task_id),
     )
+
+
+def example_heatmaps(
+    model: torch.nn.Module, held: list[Example], holdout, labels: tuple[str, ...], n: int = 6
+) -> bytes:
+    """Held-out images with the heatmap of their most probable finding, for the version's report."""
+    import io
+
+    from ml_backend.explain.cam import HeatmapExplainer, normalise_maps
+
+    buffer = io.BytesIO()
+    count = min(n, len(held))
+    if count == 0:
+        np.savez_compressed(
+            buffer, images=np.zeros((0, 1, 1)), heatmaps=np.zeros((0, 1, 1)), findings=np.array([]), probs=np.zeros(0)
+        )
+        return buffer.getvalue()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits, cams = HeatmapExplainer(model.eval()).logits_and_cams(holdout.images[:count].to(device))
+    probs = torch.sigmoid(logits).cpu().numpy()
+    top = probs.argmax(axis=1)
+    maps = normalise_maps(cams.cpu())[torch.arange(count), torch.from_numpy(top)].numpy()
+    thumbs = [np.asarray(Image.fromarray((e.image * 255).astype(np.uint8)).resize((128, 128))) for e in held[:count]]
+    np.savez_compressed(
+        buffer,
+        images=np.stack(thumbs),
+        heatmaps=maps,
+        findings=np.array([labels[k] for k in top]),
+        probs=probs[np.arange(count), top],
+    )
+    return buffer.getvalue()
 
 
 def evaluate_holdout(
@@ -228,7 +262,8 @@ def _train_snapshot(
     }
     _progress(stage="saving")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    info = versions.save_version(project, state, meta)
+    extra = {"examples.npz": example_heatmaps(model, [examples[i] for i in holdout_idx], holdout, labels)}
+    info = versions.save_version(project, state, meta, extra_files=extra)
     _progress(stage="done", version=info.version)
     log.info(
         "project %s: %s is live (parent %s, %d annotations, %d skipped)",
@@ -238,6 +273,11 @@ def _train_snapshot(
         len(train_idx),
         len(skipped),
     )
+    ranking_job = None
+    if settings.label_studio_url and settings.label_studio_api_key:  # re-rank the unlabelled tasks with it
+        from ml_backend.rank.job import schedule_ranking
+
+        ranking_job = schedule_ranking(connect(settings), project, info.version)
     return {
         "status": "trained",
         "version": info.version,
@@ -245,4 +285,5 @@ def _train_snapshot(
         "annotations": len(examples),
         "skipped": skipped,
         "metrics": {k: (metrics or {}).get(k) for k in ("macro_f1", "macro_auroc")},
+        "ranking_job": ranking_job,
     }
