@@ -172,6 +172,62 @@ def cmd_connect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ml_backend.demo.run import DemoOptions, run_demo
+
+    options = DemoOptions(
+        images=Path(args.images) if args.images else None,
+        synthetic_count=args.count,
+        limit=args.limit or None,
+        ls_port=args.ls_port,
+        backend_port=args.port,
+        fresh=args.fresh,
+        watch=not args.no_watch,
+        bootstrap=not args.no_bootstrap,
+    )
+    if args.var_dir:
+        options.var_dir = Path(args.var_dir)
+    return run_demo(options)
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    from ml_backend.connect import ConnectError
+    from ml_backend.rank.job import RankError, RankOptions, describe, rank_project, schedule_ranking
+
+    settings = Settings.from_env()
+    settings = replace(
+        settings,
+        label_studio_url=args.url or settings.label_studio_url,
+        label_studio_api_key=args.api_key or settings.label_studio_api_key,
+    )
+    conn = None
+    if settings.redis_url:
+        from ml_backend.feedback.queue import connect
+
+        conn = connect(settings)
+    if args.queue:  # let a worker do it (progress: `medebiaser jobs`)
+        if conn is None:
+            print("error: --queue needs REDIS_URL", file=sys.stderr)
+            return 2
+        print(json.dumps({"job_id": schedule_ranking(conn, str(args.project), reason="cli")}))
+        return 0
+    options = RankOptions(
+        strategy=args.strategy,
+        config_path=args.config,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        force=args.force,
+        dry_run=args.dry_run,
+    )
+    try:
+        summary = rank_project(args.project, settings, options, conn=conn)
+    except (RankError, ConnectError, ValueError) as exc:  # ValueError: an invalid ranking config
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, default=str, indent=2) if args.json else describe(summary, args.top))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medebiaser", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,6 +274,37 @@ def build_parser() -> argparse.ArgumentParser:
     connect.add_argument("--backend-url", required=True, help="this backend's URL as Label Studio reaches it")
     connect.add_argument("--webhook-secret", help="default $WEBHOOK_SECRET")
     connect.set_defaults(func=cmd_connect)
+
+    rank = sub.add_parser("rank", help="rank a project's unlabelled tasks into Label Studio's review queue")
+    rank.add_argument("--project", type=int, required=True)
+    rank.add_argument("--url", help="Label Studio URL (default $LABEL_STUDIO_URL)")
+    rank.add_argument("--api-key", help="default $LABEL_STUDIO_API_KEY")
+    rank.add_argument("--strategy", choices=["bias", "random", "entropy", "bald"], help="default: from the config")
+    rank.add_argument("--config", help="ranking config, JSON or YAML (default $RANKING_CONFIG)")
+    rank.add_argument("--batch-size", type=int, help="images per model batch (default $PREDICT_BATCH_SIZE)")
+    rank.add_argument("--limit", type=int, help="rank at most this many unlabelled tasks")
+    rank.add_argument("--force", action="store_true", help="re-rank even if a saved ranking is current")
+    rank.add_argument("--dry-run", action="store_true", help="rank and print, write nothing to Label Studio")
+    rank.add_argument("--queue", action="store_true", help="enqueue an rq job instead of running here")
+    rank.add_argument("--top", type=int, default=10, help="how many ranked tasks to print")
+    rank.add_argument("--json", action="store_true", help="print the whole summary as JSON")
+    rank.set_defaults(func=cmd_rank)
+
+    demo = sub.add_parser(
+        "demo", help="local Label Studio + this backend with demo images, predictions and a review queue"
+    )
+    demo.add_argument("--images", help="a folder of chest X-ray PNG/JPEG files (default: synthetic images)")
+    demo.add_argument("--count", type=int, default=120, help="how many synthetic images (default 120)")
+    demo.add_argument("--limit", type=int, default=300, help="import at most this many images (0: all)")
+    demo.add_argument("--ls-port", type=int, default=8080, help="Label Studio's port if free (default 8080)")
+    demo.add_argument("--port", type=int, default=9090, help="the backend's port if free (default 9090)")
+    demo.add_argument("--var-dir", help="where Label Studio's data, models and images go (default var/demo)")
+    demo.add_argument("--fresh", action="store_true", help="forget the previous demo's Label Studio and models")
+    demo.add_argument("--no-watch", action="store_true", help="exit after setting up (leaves nothing running)")
+    demo.add_argument(
+        "--no-bootstrap", action="store_true", help="start untrained instead of from a model trained on synthetic data"
+    )
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,6 +45,16 @@ def loop_env(settings, redis_url, redis_conn, file_root, nih_manifest, monkeypat
     for record in records:
         shutil.copy(NIH / record["image"], file_root / os.path.basename(record["image"]))
     return configured, records, env
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
 
 
 def run_worker_burst(env: dict[str, str]) -> None:
@@ -195,7 +207,10 @@ def test_killed_training_leaves_the_live_version_intact(loop_env, redis_conn) ->
         else:
             pytest.fail("training never started")
     finally:
-        os.killpg(worker.pid, signal.SIGKILL)  # the worker and its work-horse die mid-training
+        # the worker and its work-horse (rq forks it into a process group of its own) die mid-training
+        for pid in [*_children(worker.pid), worker.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         worker.wait()
     assert store.live_version("5") == "v0"
     assert [v.version for v in store.list_versions("5")] == ["v0"]

@@ -1,0 +1,756 @@
+"""The ranking job: put the unlabelled tasks of a Label Studio project in review order, in Label Studio itself.
+
+Stages (each logged, and kept in the rq job's meta and in Redis ``mdb:<p>:rank`` when Redis is there):
+
+1. read the project (label config -> findings) and load the live model from ``ModelRegistry``;
+2. list the tasks (minimal fields, paged); candidates are tasks nobody annotated or skipped;
+3. predict the candidates in batches with ``Predictor.load_images`` + ``run_model``; each batch's compact
+   outputs (probabilities, CAMs, pooled features, image size) go to a checkpoint under
+   ``MODEL_DIR/projects/<p>/ranking/<version>/``, so a rerun predicts only what is missing;
+4. priors from the annotations so far (the backend's annotation store, else Label Studio): label counts,
+   co-occurrence, the ignore-mask prior;
+5. rank every candidate (``rank_candidates``) and save the ranking before anything is written;
+6. write, top of the queue first, in chunks: delete this version's older predictions on the chunk's tasks,
+   then bulk-import one prediction per task (``/predict``'s result format, heatmaps included) whose ``score``
+   is ``1 - rank / N`` and whose findings result carries ``ranking`` (rank, reason, signals);
+7. point the project at the version (the "Prediction score" column averages only that version's scores) and
+   create or fix the "Review queue" tab ordered by prediction score.
+
+Why this order is safe to interrupt: all scores exist before the first write; until step 7 the project keeps
+pointing at the previous version, so the queue follows the previous ranking; a rerun reuses the saved ranking
+and continues at the first unwritten chunk. Re-ranking a version the project already points at (``force``)
+rewrites scores task by task, top first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ml_backend.config import Settings
+from ml_backend.feedback.annotations import AnnotationError, AnnotationRecord, parse_annotation
+from ml_backend.io.images import LoadedImage
+from ml_backend.io.label_config import LabelConfigError, ProjectSchema, parse_label_config
+from ml_backend.models.registry import LoadedModel, ModelRegistry
+from ml_backend.models.store import VersionStore, project_key
+from ml_backend.rank.priors import Priors, priors_from_records
+from ml_backend.rank.strategy import RankConfig, RankedItem, RankInputs, mc_probabilities_from_features, rank_candidates
+from ml_backend.serve.predictor import Predictor, run_model
+
+log = logging.getLogger(__name__)
+
+CONFIG_ENV = "RANKING_CONFIG"
+JOB_FUNCTION = "ml_backend.rank.job.rank_project_job"
+_TASK_FIELDS = "id,data,total_annotations,cancelled_annotations,total_predictions,predictions_model_versions"
+
+
+class RankError(RuntimeError):
+    """The project cannot be ranked (no tasks, no findings, no model, ...); nothing was written."""
+
+
+@dataclass
+class RankOptions:
+    strategy: str | None = None  # overrides the configured strategy
+    config_path: str | None = None  # default: $RANKING_CONFIG
+    batch_size: int | None = None  # images per model batch (default PREDICT_BATCH_SIZE)
+    write_batch: int = 100  # predictions per Label Studio import call
+    limit: int | None = None  # rank at most this many candidates (lowest task ids first)
+    force: bool = False  # recompute the ranking even if a saved one matches
+    dry_run: bool = False  # rank and report, write nothing
+    set_view: bool = True
+
+
+@dataclass
+class TaskOutput:
+    task_id: int
+    probabilities: np.ndarray  # (K,)
+    cams: np.ndarray  # (K, h, w) float16, [0, 1]
+    features: np.ndarray  # (C,) float16
+    width: int
+    height: int
+
+
+# ------------------------------------------------------------------------------------------------ config
+def load_rank_config(
+    path: str | os.PathLike[str] | None = None,
+    project_overrides: dict[str, Any] | None = None,
+    strategy: str | None = None,
+) -> RankConfig:
+    """Defaults < file (``path`` or $RANKING_CONFIG) < the project's settings < the command line."""
+    path = path or os.environ.get(CONFIG_ENV) or None
+    config = RankConfig.from_file(path) if path else RankConfig()
+    config = config.merged(project_overrides)
+    return config.merged({"strategy": strategy}) if strategy else config
+
+
+def project_ranking_settings(client: Any, project_id: int) -> dict[str, Any] | None:
+    """``{"ranking": {...}}`` from the project's ML backend "extra params" (Label Studio's connect-model dialog:
+    "Any extra params to pass during model connection"), so a clinical lead can weight findings in the UI."""
+    try:
+        backends = client.ml.list(project=project_id)
+    except Exception as exc:  # settings are optional: an old LS or a restricted token must not stop the ranking
+        log.warning("project %s: cannot read ML backend settings: %s", project_id, exc)
+        return None
+    for backend in sorted(backends, key=lambda b: getattr(b, "id", 0) or 0):
+        extra = getattr(backend, "extra_params", None)
+        if isinstance(extra, str) and extra.strip():
+            try:
+                extra = json.loads(extra)
+            except json.JSONDecodeError:
+                log.warning("project %s: ML backend %s extra params are not JSON; ignored", project_id, backend.id)
+                continue
+        if isinstance(extra, dict) and isinstance(extra.get("ranking"), dict):
+            return {"ranking": extra["ranking"]}
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint
+class RankCheckpoint:
+    """Per (project, version) folder: model outputs per task, the saved ranking, and write progress."""
+
+    def __init__(self, model_dir: Path, project: str, version: str) -> None:
+        self.dir = Path(model_dir) / "projects" / project / "ranking" / version
+
+    def prune_other_versions(self) -> None:
+        """Drop older versions' checkpoints once this version's ranking is live (~2.5 kB per task each)."""
+        for other in self.dir.parent.iterdir():
+            if other.is_dir() and other != self.dir:
+                shutil.rmtree(other, ignore_errors=True)
+
+    def load_outputs(self, labels: Sequence[str]) -> dict[int, TaskOutput]:
+        outputs: dict[int, TaskOutput] = {}
+        for path in sorted(self.dir.glob("outputs-*.npz")):
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    if list(data["labels"]) != list(labels):
+                        continue
+                    for i, task_id in enumerate(data["task_ids"].tolist()):
+                        outputs[int(task_id)] = TaskOutput(
+                            int(task_id),
+                            data["probabilities"][i],
+                            data["cams"][i],
+                            data["features"][i],
+                            int(data["width"][i]),
+                            int(data["height"][i]),
+                        )
+            except (OSError, ValueError, KeyError) as exc:  # a torn file from a killed job: predict those again
+                log.warning("ignoring unreadable ranking checkpoint %s: %s", path, exc)
+        return outputs
+
+    def save_outputs(self, batch: Sequence[TaskOutput], labels: Sequence[str]) -> None:
+        if not batch:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        arrays = {
+            "labels": np.array(list(labels)),
+            "task_ids": np.array([o.task_id for o in batch], dtype=np.int64),
+            "probabilities": np.stack([o.probabilities for o in batch]).astype(np.float32),
+            "cams": np.stack([o.cams for o in batch]).astype(np.float16),
+            "features": np.stack([o.features for o in batch]).astype(np.float16),
+            "width": np.array([o.width for o in batch], dtype=np.int32),
+            "height": np.array([o.height for o in batch], dtype=np.int32),
+        }
+        fd, tmp = tempfile.mkstemp(prefix=".outputs-", suffix=".npz", dir=self.dir)
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp, self.dir / f"outputs-{time.time_ns()}-{batch[0].task_id}.npz")
+
+    def _read(self, name: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.dir / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _write(self, name: str, payload: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.dir)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle)
+        os.replace(tmp, self.dir / name)
+
+    def load_ranking(self) -> dict[str, Any] | None:
+        return self._read("ranking.json")
+
+    def save_ranking(self, ranking: dict[str, Any]) -> None:
+        self._write("ranking.json", ranking)
+        self.save_progress(ranking["key"], written=0, done=False)
+
+    def progress(self) -> dict[str, Any]:
+        return self._read("progress.json") or {}
+
+    def save_progress(self, key: str, *, written: int, done: bool) -> None:
+        self._write("progress.json", {"key": key, "written": written, "done": done, "updated_at": time.time()})
+
+
+# ------------------------------------------------------------------------------------------------ progress
+class Progress:
+    """Stage and counters to the log, the rq job's meta and Redis ``mdb:<p>:rank`` (whichever exist)."""
+
+    def __init__(self, project: str, conn: Any = None) -> None:
+        self.project, self.conn = project, conn
+        self.state: dict[str, Any] = {"project": project}
+        self._last_log = 0.0
+
+    def __call__(self, force_log: bool = True, **values: Any) -> None:
+        from rq import get_current_job
+
+        self.state.update(values, updated_at=time.time())
+        now = time.monotonic()
+        if force_log or now - self._last_log > 5:
+            log.info("ranking %s: %s", self.project, {k: v for k, v in values.items() if k != "updated_at"})
+            self._last_log = now
+        job = get_current_job()
+        if job is not None:
+            job.meta.update(self.state)
+            job.save_meta()
+        if self.conn is not None:
+            from ml_backend.feedback.queue import key
+
+            try:
+                self.conn.hset(key(self.project, "rank"), mapping={k: json.dumps(v) for k, v in self.state.items()})
+            except Exception as exc:  # progress is best effort; the job itself must go on
+                log.debug("ranking progress not stored in Redis: %s", exc)
+
+
+# ------------------------------------------------------------------------------------------------ Label Studio
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, dict):
+        return obj
+    return obj.model_dump() if hasattr(obj, "model_dump") else dict(obj)
+
+
+def _versions(task: dict[str, Any]) -> set[str]:
+    raw = task.get("predictions_model_versions") or ""
+    items = raw if isinstance(raw, list) else str(raw).split(",")
+    return {str(v).strip() for v in items if str(v).strip()}
+
+
+def list_project_tasks(client: Any, project_id: int, ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Every task of the project (or the given ids) with only the fields the ranking needs."""
+    query = None
+    if ids is not None:
+        query = json.dumps({"selectedItems": {"all": False, "included": [int(i) for i in ids]}})
+    pager = client.tasks.list(project=project_id, include=_TASK_FIELDS, page_size=500, query=query)
+    return [_as_dict(t) for t in pager]
+
+
+def _labelled_records(
+    client: Any, project: str, labelled: Sequence[dict[str, Any]], schema: ProjectSchema
+) -> list[AnnotationRecord]:
+    """The latest usable annotation of each labelled task, read from Label Studio (one call per task)."""
+
+    def one(task: dict[str, Any]) -> AnnotationRecord | None:
+        try:
+            annotations = [_as_dict(a) for a in client.annotations.list(id=int(task["id"]))]
+        except Exception as exc:
+            log.warning("task %s: annotations not readable for the priors: %s", task["id"], exc)
+            return None
+        for annotation in sorted(annotations, key=lambda a: str(a.get("updated_at") or ""), reverse=True):
+            try:
+                record = parse_annotation(project, annotation, task, schema)
+            except AnnotationError as exc:
+                log.info("task %s: annotation %s not used for the priors: %s", task["id"], annotation.get("id"), exc)
+                continue
+            if record is not None:
+                return record
+        return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return [r for r in pool.map(one, labelled) if r is not None]
+
+
+def _delete_version_predictions(client: Any, task_ids: Sequence[int], version: str) -> int:
+    """Delete the predictions of ``version`` on these tasks (other versions stay: they are the history)."""
+
+    def one(task_id: int) -> int:
+        stale = [p for p in client.predictions.list(task=int(task_id)) if p.model_version == version]
+        for prediction in stale:
+            client.predictions.delete(id=int(prediction.id))
+        return len(stale)
+
+    if not task_ids:
+        return 0
+    with ThreadPoolExecutor(max_workers=min(8, len(task_ids))) as pool:
+        return sum(pool.map(one, task_ids))
+
+
+# ------------------------------------------------------------------------------------------------ the job
+@dataclass
+class _Run:
+    project_id: int
+    project: str
+    settings: Settings
+    options: RankOptions
+    client: Any
+    registry: ModelRegistry
+    conn: Any
+    progress: Progress
+    timings: dict[str, float] = field(default_factory=dict)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+
+def rank_project(
+    project: int | str,
+    settings: Settings | None = None,
+    options: RankOptions | None = None,
+    *,
+    client: Any = None,
+    registry: ModelRegistry | None = None,
+    conn: Any = None,
+) -> dict[str, Any]:
+    """Rank project ``project``'s unlabelled tasks in Label Studio; returns a summary.
+
+    Raises RankError (bad project, no findings) or ConnectError (Label Studio unreachable) before anything
+    is written. An error while writing leaves the project on its previous model version; a rerun resumes.
+    ``registry`` lets a serving process reuse its loaded live model; ``conn`` (Redis) adds progress in
+    ``mdb:<p>:rank`` and priors from the backend's annotation store.
+    """
+    from ml_backend.connect import make_client
+
+    settings = settings or Settings.from_env()
+    options = options or RankOptions()
+    try:
+        project_id = int(str(project).split(".", 1)[0])
+    except ValueError:
+        raise RankError(f"a Label Studio project id is a number, got {project!r}") from None
+    if client is None:
+        if not settings.label_studio_url or not settings.label_studio_api_key:
+            raise RankError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are needed to rank a project's tasks")
+        client = make_client(settings.label_studio_url, settings.label_studio_api_key)
+    key = project_key(project_id)
+    run = _Run(
+        project_id,
+        key,
+        settings,
+        options,
+        client,
+        registry or ModelRegistry(settings, VersionStore(settings.model_dir)),
+        conn,
+        Progress(key, conn),
+    )
+    return _rank(run)
+
+
+def _timed(run: _Run, name: str, started: float) -> None:
+    run.timings[name] = round(run.timings.get(name, 0.0) + time.perf_counter() - started, 3)
+
+
+def _rank(run: _Run) -> dict[str, Any]:
+    from label_studio_sdk.core.api_error import ApiError
+
+    started = time.perf_counter()
+    run.progress(stage="reading project")
+    try:
+        project = run.client.projects.get(id=run.project_id)
+    except ApiError as exc:
+        if exc.status_code == 404:
+            raise RankError(f"Label Studio has no project {run.project_id}") from exc
+        raise
+    try:
+        schema = parse_label_config(project.label_config or "")
+    except LabelConfigError as exc:
+        raise RankError(f"project {run.project_id}: label config unusable for ranking: {exc}") from exc
+    config = load_rank_config(
+        run.options.config_path, project_ranking_settings(run.client, run.project_id), run.options.strategy
+    )
+    unknown = config.unknown_findings(schema.findings)
+    if unknown:
+        log.warning("project %s: ranking config weights findings it does not have: %s", run.project, unknown)
+    loaded = run.registry.get(run.project, schema.findings)
+    version = loaded.version
+
+    t0 = time.perf_counter()
+    run.progress(stage="listing tasks", version=version)
+    tasks = list_project_tasks(run.client, run.project_id)
+    _timed(run, "list", t0)
+    if not tasks:
+        return _done(run, "skipped", version, reason=f"project {run.project_id} has no tasks")
+    candidates = [t for t in tasks if not t.get("total_annotations") and not t.get("cancelled_annotations")]
+    labelled = [t for t in tasks if t.get("total_annotations")]
+    candidates.sort(key=lambda t: int(t["id"]))
+    if run.options.limit is not None:
+        candidates = candidates[: max(0, run.options.limit)]
+    if not candidates:
+        return _done(run, "skipped", version, reason="every task is annotated or skipped: nothing to rank")
+
+    checkpoint = RankCheckpoint(run.settings.model_dir, run.project, version)
+    outputs = _predict(run, loaded, schema, candidates, checkpoint)
+    ranked_tasks = [t for t in candidates if int(t["id"]) in outputs]
+    if not ranked_tasks:
+        return _done(run, "skipped", version, reason="no candidate image could be loaded", candidates=len(candidates))
+
+    key = _ranking_key(version, config, ranked_tasks)
+    saved = checkpoint.load_ranking()
+    if saved is not None and saved.get("key") == key and not run.options.force:
+        ranking = saved
+        run.progress(stage="reusing saved ranking", tasks=len(ranking["items"]))
+    else:
+        t0 = time.perf_counter()
+        run.progress(stage="ranking", tasks=len(ranked_tasks))
+        priors, priors_source = _priors(run, schema, labelled, outputs)
+        items = _rank_outputs(config, loaded, [outputs[int(t["id"])] for t in ranked_tasks], priors)
+        ranking = _ranking_payload(key, version, config, ranked_tasks, items, priors, priors_source, schema)
+        _timed(run, "rank", t0)
+        if not run.options.dry_run:
+            checkpoint.save_ranking(ranking)
+    predict_rank_s = run.timings.get("predict", 0.0) + run.timings.get("rank", 0.0)
+    summary_extra = {
+        "ranked": len(ranking["items"]),
+        "candidates": len(candidates),
+        "strategy": config.strategy,
+        "priors": ranking.get("priors"),
+        "top": ranking["items"][:10],
+        "predict_rank_tasks_per_s": round(len(ranking["items"]) / predict_rank_s, 2) if predict_rank_s else None,
+    }
+    if run.options.dry_run:
+        return _done(run, "dry-run", version, started=started, **summary_extra)
+
+    written, deleted = _write(run, loaded, schema, ranking, checkpoint, outputs)
+    switched, view_id = _switch(run, version)
+    if view_id is not None or switched:
+        checkpoint.prune_other_versions()
+    return _done(
+        run,
+        "ranked",
+        version,
+        started=started,
+        written=written,
+        deleted_old_predictions=deleted,
+        model_version_set=switched,
+        view_id=view_id,
+        **summary_extra,
+    )
+
+
+def _done(run: _Run, status: str, version: str, started: float | None = None, **extra: Any) -> dict[str, Any]:
+    summary: dict[str, Any] = {"status": status, "project": run.project_id, "version": version, **extra}
+    summary["skipped"] = run.skipped
+    summary["seconds"] = dict(run.timings)
+    if started is not None:
+        total = time.perf_counter() - started
+        summary["seconds"]["total"] = round(total, 3)
+        if extra.get("ranked"):
+            summary["tasks_per_s"] = round(extra["ranked"] / total, 2)
+    run.progress(stage="done" if status == "ranked" else status, **{k: v for k, v in summary.items() if k != "top"})
+    return summary
+
+
+def _predict(
+    run: _Run,
+    loaded: LoadedModel,
+    schema: ProjectSchema,
+    candidates: Sequence[dict[str, Any]],
+    checkpoint: RankCheckpoint,
+) -> dict[int, TaskOutput]:
+    """Model outputs for every candidate whose image loads; reuses the checkpoint, saves each new batch."""
+    t0 = time.perf_counter()
+    outputs = checkpoint.load_outputs(loaded.labels)
+    wanted = {int(t["id"]) for t in candidates}
+    outputs = {i: o for i, o in outputs.items() if i in wanted}
+    missing = [t for t in candidates if int(t["id"]) not in outputs]
+    run.progress(stage="predicting", done=len(outputs), total=len(candidates), reused=len(outputs))
+    predictor = Predictor(run.settings)
+    batch_size = run.options.batch_size or run.settings.predict_batch_size
+    chunk = max(batch_size, 32)  # images fetched concurrently per step
+    try:
+        for start in range(0, len(missing), chunk):
+            batch = missing[start : start + chunk]
+            images = predictor.load_images(batch, schema)
+            good = [(t, img) for t, img in zip(batch, images, strict=True) if isinstance(img, LoadedImage)]
+            for task, img in zip(batch, images, strict=True):
+                if not isinstance(img, LoadedImage):
+                    run.skipped.append({"task": int(task["id"]), "reason": str(img)})
+            if good:
+                out = run_model(loaded, [img.pixels for _, img in good], batch_size)
+                cams = out.cams.numpy()
+                feats = out.features.numpy()
+                new = [
+                    TaskOutput(int(t["id"]), out.probabilities[i], cams[i], feats[i], img.width, img.height)
+                    for i, (t, img) in enumerate(good)
+                ]
+                checkpoint.save_outputs(new, loaded.labels)  # a cache of model outputs, even on a dry run
+                outputs.update((o.task_id, o) for o in new)
+            run.progress(force_log=False, stage="predicting", done=len(outputs), total=len(candidates))
+    finally:
+        predictor.pool.shutdown(wait=False)
+        predictor.http.close()
+    _timed(run, "predict", t0)
+    run.progress(stage="predicted", done=len(outputs), total=len(candidates), failed=len(run.skipped))
+    return outputs
+
+
+def _priors(
+    run: _Run, schema: ProjectSchema, labelled: Sequence[dict[str, Any]], outputs: dict[int, TaskOutput]
+) -> tuple[Priors, str]:
+    """From the backend's annotation store when it holds anything (what the model trains on), else read from
+    Label Studio."""
+    grid = next(iter(outputs.values())).cams.shape[1:]
+    records: list[AnnotationRecord] = []
+    source = "none"
+    if run.conn is not None:
+        from ml_backend.feedback.store import AnnotationStore
+
+        try:
+            _, records = AnnotationStore(run.conn, run.project).snapshot()
+            source = "annotation store"
+        except Exception as exc:
+            log.warning("project %s: annotation store unreadable, using Label Studio: %s", run.project, exc)
+    if not records and labelled:
+        records = _labelled_records(run.client, run.project, labelled, schema)
+        source = "label studio"
+    priors = priors_from_records(records, schema.findings, (int(grid[0]), int(grid[1])))
+    run.skipped.extend(priors.skipped)
+    return priors, source if records else "none"
+
+
+def _rank_outputs(
+    config: RankConfig, loaded: LoadedModel, outputs: Sequence[TaskOutput], priors: Priors
+) -> list[RankedItem]:
+    probabilities = np.stack([o.probabilities for o in outputs]).astype(np.float32)
+    features = np.stack([o.features for o in outputs]).astype(np.float32)
+    mc = None
+    if config.strategy == "bald":
+        head = loaded.explainer.classifier
+        if head is None:
+            raise RankError("the BALD baseline needs an avg-pool + linear head (resnet, densenet, convnext, ...)")
+        rate = float(getattr(loaded.model, "drop_rate", 0.0) or 0.0) or config.mc_dropout
+        mc = mc_probabilities_from_features(features, head, config.mc_passes, rate, config.seed)
+    inputs = RankInputs(
+        probabilities=probabilities,
+        labels=loaded.labels,
+        cams=np.stack([o.cams for o in outputs]).astype(np.float32),
+        features=features,
+        mc_probabilities=mc,
+        label_counts=priors.label_counts if priors.n_annotated else None,
+        n_annotated=priors.n_annotated,
+        cooccurrence=priors.cooccurrence if priors.n_annotated else None,
+        ignore_prior=priors.ignore_prior,
+    )
+    return rank_candidates(inputs, config)
+
+
+def _ranking_key(version: str, config: RankConfig, tasks: Sequence[dict[str, Any]]) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"version": version, "config": config.to_json()}, sort_keys=True).encode())
+    digest.update(np.array(sorted(int(t["id"]) for t in tasks), dtype=np.int64).tobytes())
+    return digest.hexdigest()[:20]
+
+
+def _ranking_payload(
+    key: str,
+    version: str,
+    config: RankConfig,
+    tasks: Sequence[dict[str, Any]],
+    items: Sequence[RankedItem],
+    priors: Priors,
+    priors_source: str,
+    schema: ProjectSchema,
+) -> dict[str, Any]:
+    n = len(items)
+    return {
+        "key": key,
+        "version": version,
+        "strategy": config.strategy,
+        "config": config.to_json(),
+        "created_at": time.time(),
+        "priors": {**priors.summary(schema.findings), "source": priors_source},
+        "items": [
+            {
+                "task": int(tasks[item.index]["id"]),
+                "rank": item.rank + 1,  # 1-based for people
+                "score": round(1.0 - item.rank / n, 6),  # higher = review sooner; monotone in rank
+                "priority": round(item.priority, 4),
+                "reason": item.reason,
+                "signals": {k: round(v, 4) for k, v in item.signals.items()},
+            }
+            for item in items
+        ],
+    }
+
+
+def _write(
+    run: _Run,
+    loaded: LoadedModel,
+    schema: ProjectSchema,
+    ranking: dict[str, Any],
+    checkpoint: RankCheckpoint,
+    outputs: dict[int, TaskOutput],
+) -> tuple[int, int]:
+    """Write the predictions top of the queue first; resumes after the last chunk a previous run finished."""
+    t0 = time.perf_counter()
+    items = ranking["items"]
+    progress = checkpoint.progress()
+    first = int(progress.get("written", 0)) if progress.get("key") == ranking["key"] else 0
+    if progress.get("key") == ranking["key"] and progress.get("done"):
+        first = len(items)
+    run.progress(stage="writing predictions", written=first, total=len(items))
+    predictor = Predictor(run.settings)
+    version = ranking["version"]
+    deleted = 0
+    written = first
+    try:
+        for start in range(first, len(items), run.options.write_batch):
+            chunk = items[start : start + run.options.write_batch]
+            # Re-read the chunk's tasks: a physician may have opened one (creating a prediction of this version
+            # through /predict) or a task may be gone since the listing.
+            current = {
+                int(t["id"]): t for t in list_project_tasks(run.client, run.project_id, [i["task"] for i in chunk])
+            }
+            gone = [i["task"] for i in chunk if i["task"] not in current]
+            run.skipped.extend({"task": t, "reason": "task deleted during ranking"} for t in gone)
+            chunk = [i for i in chunk if i["task"] in current]
+            stale = [t for t in (i["task"] for i in chunk) if version in _versions(current[t])]
+            deleted += _delete_version_predictions(run.client, stale, version)
+
+            def build(item: dict[str, Any]) -> dict[str, Any]:
+                return _prediction(predictor, schema, loaded, outputs[item["task"]], item, ranking["strategy"])
+
+            payload = list(predictor.pool.map(build, chunk))
+            if payload:
+                run.client.projects.import_predictions(id=run.project_id, request=payload)
+            written = start + len(items[start : start + run.options.write_batch])
+            checkpoint.save_progress(ranking["key"], written=written, done=False)
+            run.progress(force_log=False, stage="writing predictions", written=written, total=len(items))
+    finally:
+        predictor.pool.shutdown(wait=False)
+        predictor.http.close()
+    checkpoint.save_progress(ranking["key"], written=len(items), done=True)
+    _timed(run, "write", t0)
+    return written - first, deleted
+
+
+def _prediction(
+    predictor: Predictor,
+    schema: ProjectSchema,
+    loaded: LoadedModel,
+    output: TaskOutput,
+    item: dict[str, Any],
+    strategy: str,
+) -> dict[str, Any]:
+    """The prediction ``/predict`` would return for the task, with the ranking's score and reason."""
+    image = LoadedImage(np.zeros((0, 0), dtype=np.float32), output.width, output.height)  # only the size is used
+    cams = torch.from_numpy(output.cams.astype(np.float32))
+    prediction = predictor.task_prediction(schema, loaded, output.probabilities, cams, image)
+    ranking = {k: item[k] for k in ("rank", "score", "priority", "reason", "signals")}
+    ranking["strategy"] = strategy
+    result = prediction["result"]
+    carrier = next((r for r in result if r.get("type") == "choices"), None)
+    if carrier is None:  # no finding and no "No Finding" choice: an empty choices result carries the reason
+        carrier = {
+            "id": "findings",
+            "from_name": schema.choices_name,
+            "to_name": schema.image_name,
+            "type": "choices",
+            "value": {"choices": []},
+        }
+        result.insert(0, carrier)
+    carrier["ranking"] = ranking
+    return {"task": item["task"], "result": result, "score": item["score"], "model_version": loaded.version}
+
+
+def _switch(run: _Run, version: str) -> tuple[bool, int | None]:
+    """Point the project at ``version`` and fix the review tab -- unless a newer version went live meanwhile
+    (its own ranking job will switch; switching back to this one would undo it)."""
+    from ml_backend.connect import set_project_model_version, set_review_view
+
+    live = run.registry.store.live_version(run.project)
+    if live is not None and live != version:
+        log.info("project %s: %s is live now; leaving the project's model version to its ranking", run.project, live)
+        return False, None
+    run.progress(stage="switching project model version", version=version)
+    changed = set_project_model_version(run.client, run.project_id, version)
+    view_id = set_review_view(run.client, run.project_id)[0] if run.options.set_view else None
+    return changed, view_id
+
+
+# ------------------------------------------------------------------------------------------------ rq
+def schedule_ranking(
+    conn: Any, project: str, version: str | None = None, *, reason: str = "new model version"
+) -> str | None:
+    """Enqueue a ranking job unless one is already queued for the project (it ranks the version live when it
+    starts). Returns the job id, or None."""
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job, JobStatus
+
+    from ml_backend.feedback.queue import key, training_queue
+
+    queued_key = key(project, "rank-queued")
+    job_id = f"rank-{project}-{uuid.uuid4().hex[:12]}"
+    if not conn.set(queued_key, job_id, nx=True):
+        existing = conn.get(queued_key)
+        if existing is not None:
+            try:
+                status = Job.fetch(existing.decode(), connection=conn).get_status(refresh=False)
+            except NoSuchJobError:
+                status = None
+            if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
+                return None
+        conn.set(queued_key, job_id)
+    training_queue(conn).enqueue(
+        JOB_FUNCTION,
+        project,
+        version,
+        job_id=job_id,
+        description=f"rank project {project} ({reason})",
+        meta={"project": project, "stage": "queued", "kind": "ranking", "version": version},
+        result_ttl=7 * 86400,
+        failure_ttl=7 * 86400,
+        job_timeout=6 * 3600,
+    )
+    log.info("project %s: queued ranking job %s (%s)", project, job_id, reason)
+    return job_id
+
+
+def rank_project_job(project: str, version: str | None = None, settings: Settings | None = None) -> dict[str, Any]:
+    """The rq job: one ranking per project at a time; ranks the live version."""
+    from rq import get_current_job
+
+    from ml_backend.feedback.queue import acquire_project_lock, connect, key, release
+
+    settings = settings or Settings.from_env()
+    conn = connect(settings)
+    job = get_current_job()
+    job_id = job.id if job else f"inline-{os.getpid()}-{time.time()}"
+    lock_name = f"{project}-rank"  # its own lock: ranking never waits for a training job, nor blocks one
+    heartbeat = acquire_project_lock(conn, lock_name, job_id)
+    try:
+        release(conn, key(project, "rank-queued"), job_id)
+        live = VersionStore(settings.model_dir).live_version(project)
+        if version is not None and live is not None and live != version:
+            log.info("project %s: ranking %s instead of %s (a newer version went live)", project, live, version)
+        return rank_project(project, settings, conn=conn)
+    except RankError as exc:
+        log.warning("project %s: ranking skipped: %s", project, exc)
+        return {"status": "skipped", "reason": str(exc)}
+    finally:
+        heartbeat.set()
+        release(conn, key(lock_name, "lock"), job_id)
+
+
+def describe(summary: dict[str, Any], top: int = 10) -> str:
+    """A few human-readable lines for the command line."""
+    lines = [
+        f"project {summary.get('project')}: {summary.get('status')} (version {summary.get('version')}, "
+        f"{summary.get('ranked', 0)} ranked, {len(summary.get('skipped') or [])} skipped)"
+    ]
+    if summary.get("reason"):
+        lines.append(f"  reason: {summary['reason']}")
+    for item in (summary.get("top") or [])[:top]:
+        lines.append(f"  #{item['rank']:<4} task {item['task']:<8} score {item['score']:.4f}  {item['reason']}")
+    for skip in (summary.get("skipped") or [])[:top]:
+        lines.append(f"  skipped task {skip.get('task')}: {skip.get('reason')}")
+    return "\n".join(lines)
