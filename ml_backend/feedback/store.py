@@ -6,8 +6,7 @@ deleted, reconciled) so a job can tell whether anything changed since the live v
 
 from __future__ import annotations
 
-import json
-
+import orjson
 import redis
 
 from ml_backend.feedback.annotations import AnnotationRecord
@@ -21,7 +20,7 @@ class AnnotationStore:
     def put(self, record: AnnotationRecord) -> int:
         record.seq = int(self.conn.incr(key(self.project, "seq")))
         pipe = self.conn.pipeline(transaction=True)
-        pipe.hset(key(self.project, "ann"), str(record.annotation_id), json.dumps(record.to_json()))
+        pipe.hset(key(self.project, "ann"), str(record.annotation_id), orjson.dumps(record.to_json()))
         pipe.incr(key(self.project, "gen"))
         pipe.execute()
         return record.seq
@@ -41,7 +40,7 @@ class AnnotationStore:
         pipe.get(key(self.project, "gen"))
         pipe.hgetall(key(self.project, "ann"))
         gen, raw = pipe.execute()
-        records = [AnnotationRecord.from_json(json.loads(v)) for v in raw.values()]
+        records = [AnnotationRecord.from_json(orjson.loads(v)) for v in raw.values()]
         latest: dict[int, AnnotationRecord] = {}
         for record in sorted(records, key=lambda r: r.seq):
             latest[record.task_id] = record
