@@ -35,5 +35,13 @@ lint: install
 bench: install
 	$(BIN)/python bench/run_all.py
 
+# A local Label Studio + this backend with demo images, predictions and a review queue; Ctrl-C stops it all.
+# DEMO_IMAGES=<folder of PNG/JPEG X-rays> uses real images instead of synthetic ones; DEMO_ARGS=--fresh starts over.
+DEMO_IMAGES ?=
+DEMO_ARGS ?=
+demo: install
+	bash scripts/install_label_studio.sh
+	$(BIN)/medebiaser demo $(if $(DEMO_IMAGES),--images "$(DEMO_IMAGES)") $(DEMO_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
