@@ -458,6 +458,7 @@ def main() -> None:
     parser.add_argument("--n-boot", type=int, default=200)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--resume", action="store_true", help="reuse folds saved by an earlier run")
+    parser.add_argument("--only-folds", type=int, nargs="+", help="compute only these folds (parallel runs)")
     args = parser.parse_args()
     if args.quick:
         args.run_folds, args.budgets, args.scratch_epochs, args.finetune_epochs, args.n_boot = 2, [20, 40], 3, 2, 20
@@ -472,11 +473,18 @@ def main() -> None:
     folds = []
     for f in range(args.run_folds or args.folds):
         path = cache / f"fold{f}.pkl"
+        if args.only_folds is not None and f not in args.only_folds:
+            if path.exists():
+                folds.append(pickle.loads(path.read_bytes()))
+            continue
         if args.resume and path.exists():
             folds.append(pickle.loads(path.read_bytes()))
             continue
         folds.append(run_fold(f, data, args, spec))
         path.write_bytes(pickle.dumps(folds[-1]))
+    if len(folds) < (args.run_folds or args.folds):
+        print(f"{len(folds)} folds cached so far; summarise once all are done (--resume)")
+        return
     command = "python bench/bench_physician.py " + " ".join(sys.argv[1:])
     summary = summarise(folds, data, args, command.strip())
     write_outputs(summary)

@@ -68,6 +68,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     conn = connect(settings)
+    # Import the job code once here rather than in every forked work-horse (7-11 s of torch/timm imports per
+    # job). Importing starts no torch thread pool, so forking afterwards stays safe.
+    import ml_backend.train.jobs  # noqa: F401
+
     worker_class = SimpleWorker if args.in_process else Worker
     worker = worker_class([training_queue(conn)], connection=conn)
     log.info("rq worker %s listening on %s", worker.name, settings.redis_url)

@@ -68,6 +68,7 @@ def shortcut_dependence(
     images: Sequence[np.ndarray],
     finding_index: int,
     seed: int = 0,
+    kinds: Sequence[str] = MARKER_KINDS,
 ) -> dict[str, float]:
     """Mean change in the finding's probability when a marker is added to the same marker-free images.
 
@@ -75,7 +76,7 @@ def shortcut_dependence(
     every model compared with the same seed, so differences between models are paired too.
     """
     rng = np.random.default_rng(seed)
-    stamped = [stamp_marker(image, rng)[0] for image in images]
+    stamped = [stamp_marker(image, rng, kind=kinds[int(rng.integers(len(kinds)))])[0] for image in images]
     clean = predict(list(images))[:, finding_index]
     marked = predict(stamped)[:, finding_index]
     delta = marked - clean

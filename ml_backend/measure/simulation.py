@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ml_backend.measure.metrics import age_bins, choose_thresholds, evaluate_version, polygon_mask
-from ml_backend.measure.shortcut import shortcut_dependence, stamp_marker
+from ml_backend.measure.shortcut import MARKER_KINDS, shortcut_dependence, stamp_marker
 from ml_backend.models.classifier import build_classifier, normalisation, to_input_tensor
 from ml_backend.train.examples import Example, tensorise
 from ml_backend.train.trainer import TrainConfig, fine_tune, heatmap_grid, predict_probabilities
@@ -99,6 +99,7 @@ class Shortcut:
     p_positive_male: float = 1.0  # marker on this share of the finding's positives among men...
     p_positive_female: float = 0.8  # ...and women: a group disparity on top of the shortcut
     p_negative: float = 0.03
+    kinds: tuple[str, ...] = MARKER_KINDS  # artefact kinds drawn from (one kind = the easy, fixed-pattern case)
 
 
 def inject_shortcut(
@@ -116,7 +117,8 @@ def inject_shortcut(
             else (shortcut.p_negative)
         )
         if rng.random() < rate:
-            images[i], masks[i] = stamp_marker(images[i], rng)
+            kind = shortcut.kinds[int(rng.integers(len(shortcut.kinds)))]
+            images[i], masks[i] = stamp_marker(images[i], rng, kind=kind)
     return images, masks
 
 
@@ -177,7 +179,9 @@ def evaluate(
     """Shortcut dependence (paired), the finding's AUROC on marker-free test images, macro-F1 and EOD."""
     k = test.findings.index(shortcut.finding)
     probs = probabilities(model, spec, test.images)
-    dependence = shortcut_dependence(lambda imgs: probabilities(model, spec, imgs), test.images, k, seed=seed)
+    dependence = shortcut_dependence(
+        lambda imgs: probabilities(model, spec, imgs), test.images, k, seed=seed, kinds=shortcut.kinds
+    )
     from sklearn.metrics import roc_auc_score
 
     result: dict[str, Any] = {

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ml_backend import __version__
 from ml_backend.config import Settings
@@ -171,8 +171,10 @@ def create_app(settings: Settings | None = None, webhook: WebhookHandler | None 
             return JSONResponse({"results": []})
         loaded = await run_in_threadpool(registry.get, project, schema.findings)
         results = await run_in_threadpool(predictor.predict, tasks, schema, loaded)
-        # A JSONResponse is serialised by json.dumps in C; FastAPI's encoder would walk every RLE byte in Python.
-        return JSONResponse({"results": results, "model_version": loaded.version})
+        # orjson in the thread pool: a batch of full-size heatmaps is tens of MB of integers, which the stdlib
+        # encoder (and FastAPI's) would serialise several times slower, on the event loop.
+        payload = await run_in_threadpool(orjson.dumps, {"results": results, "model_version": loaded.version})
+        return Response(payload, media_type="application/json")
 
     @app.post("/webhook")
     async def webhook_route(request: Request) -> JSONResponse:
