@@ -128,6 +128,31 @@ class ManagedProcess:
             self._log = None
 
 
+def label_studio_env(data_dir: Path, username: str, password: str, token: str, document_root: Path) -> dict[str, str]:
+    """Environment for an unattended local Label Studio 1.23 (shared by the demo and the e2e test harness)."""
+    env = dict(os.environ)
+    for key in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"):  # our venv must not leak into LS's (other pins)
+        env.pop(key, None)
+    env.update(
+        {
+            "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
+            "HOME": str(data_dir),
+            "LABEL_STUDIO_USERNAME": username,
+            "LABEL_STUDIO_PASSWORD": password,
+            "LABEL_STUDIO_USER_TOKEN": token,
+            "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+            "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+            "LATEST_VERSION_CHECK": "false",
+            "LOCAL_FILES_SERVING_ENABLED": "true",
+            "LOCAL_FILES_DOCUMENT_ROOT": str(document_root),
+            # The backend listens on 127.0.0.1: LS refuses such URLs (and their webhook) unless both are off.
+            "ML_BLOCK_LOCAL_IP": "false",
+            "SSRF_PROTECTION_ENABLED": "false",
+        }
+    )
+    return env
+
+
 class LabelStudioProcess(ManagedProcess):
     """Label Studio from its own venv, set up for a local backend (SSRF protection off) and local files."""
 
@@ -153,27 +178,7 @@ class LabelStudioProcess(ManagedProcess):
         self.ls_bin = Path(ls_bin or os.environ.get("MEDEBIASER_LS_BIN") or DEFAULT_LS_BIN)
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        for key in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"):  # our venv must not leak into LS's
-            env.pop(key, None)
-        env.update(
-            {
-                "LABEL_STUDIO_BASE_DATA_DIR": str(self.data_dir),
-                "HOME": str(self.data_dir),
-                "LABEL_STUDIO_USERNAME": self.username,
-                "LABEL_STUDIO_PASSWORD": self.password,
-                "LABEL_STUDIO_USER_TOKEN": self.token,
-                "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-                "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-                "LATEST_VERSION_CHECK": "false",
-                "LOCAL_FILES_SERVING_ENABLED": "true",
-                "LOCAL_FILES_DOCUMENT_ROOT": str(self.document_root),
-                # The backend listens on 127.0.0.1: LS refuses such URLs (and their webhook) unless both are off.
-                "ML_BLOCK_LOCAL_IP": "false",
-                "SSRF_PROTECTION_ENABLED": "false",
-            }
-        )
-        return env
+        return label_studio_env(self.data_dir, self.username, self.password, self.token, self.document_root)
 
     def start(self, timeout: float = 300.0) -> LabelStudioProcess:
         if not self.ls_bin.exists():

@@ -29,6 +29,8 @@ from types import TracebackType
 import httpx
 import pytest
 
+from ml_backend.demo.services import label_studio_env
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LS_BIN = PROJECT_ROOT / ".ls-venv" / "bin" / "label-studio"
 E2E_ENV = "MEDEBIASER_E2E"
@@ -94,28 +96,7 @@ class LabelStudioServer:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        # Our own venv must not leak into Label Studio's (it pins other redis/rq/sdk versions).
-        for key in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"):
-            env.pop(key, None)
-        env.update(
-            {
-                "LABEL_STUDIO_BASE_DATA_DIR": str(self.data_dir),
-                "HOME": str(self.data_dir),
-                "LABEL_STUDIO_USERNAME": self.username,
-                "LABEL_STUDIO_PASSWORD": self.password,
-                "LABEL_STUDIO_USER_TOKEN": self.token,
-                "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-                "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-                "LATEST_VERSION_CHECK": "false",
-                "LOCAL_FILES_SERVING_ENABLED": "true",
-                "LOCAL_FILES_DOCUMENT_ROOT": str(self.local_files_root),
-                # The backend under test listens on 127.0.0.1: both settings must be off for LS to accept
-                # it and to create its webhook (see shared/docs/label-studio-facts.md).
-                "ML_BLOCK_LOCAL_IP": "false",
-                "SSRF_PROTECTION_ENABLED": "false",
-            }
-        )
+        env = label_studio_env(self.data_dir, self.username, self.password, self.token, self.local_files_root)
         env.update(self.extra_env)
         return env
 
