@@ -255,6 +255,7 @@ def part_predict(
     budget_s: float,
     levels_variant: int | None,
     heatmaps_variant: float | None,
+    uncapped_variant: bool,
     work: Path,
     extra_env: dict[str, str],
 ) -> dict[str, Any]:
@@ -268,12 +269,19 @@ def part_predict(
         bare_probs = {name: torch.sigmoid(s32(x)).numpy() for name, x in tensors.items()}
     batch_setting = Settings().predict_batch_size
     bodies = {name: predict_body(w["refs"]) for name, w in loads.items()}
-    out: dict[str, Any] = {"tasks_per_request": n, "predict_batch_size": batch_setting, "workloads": {}}
+    out: dict[str, Any] = {
+        "tasks_per_request": n,
+        "predict_batch_size": batch_setting,
+        "heatmap_max_findings": Settings().heatmap_max_findings,
+        "workloads": {},
+    }
     # variants of the full-size request, each on its own server: fewer alpha levels, and a threshold that lets
     # through as many findings per image as a trained model would (the untrained one passes ~half of them)
     variant_env: dict[str, dict[str, str]] = {}
     if levels_variant:
         variant_env[f"levels{levels_variant}"] = {"HEATMAP_LEVELS": str(levels_variant)}
+    if uncapped_variant:
+        variant_env["all_heatmaps"] = {"HEATMAP_MAX_FINDINGS": "0"}
     if heatmaps_variant:
         flat = np.sort(bare_probs["full512"].ravel())[::-1]
         k = max(1, round(heatmaps_variant * len(bare_probs["full512"])))
@@ -614,8 +622,10 @@ def markdown(res: dict[str, Any]) -> list[str]:
             "already decoded and resized, interleaved with the requests. Ratio = e2e tasks/s / bare images/s "
             "(median of per-round ratios); e2e = the request's wall time at the client, from sending the body to "
             "the response's last byte (the client's own JSON parsing excluded). Untrained model: about half the "
-            "findings pass 0.5, so ~7 heatmaps "
-            "per image are encoded.",
+            "findings pass 0.5 (~7 per image); heatmaps are drawn for the most probable "
+            f"HEATMAP_MAX_FINDINGS={p.get('heatmap_max_findings', 'all')} of them. The predictor pipelines: pool "
+            "threads encode batch i's heatmaps while the model runs batch i+1, so `heatmaps` below is only the "
+            "part not hidden behind the model.",
             "",
         ]
         rows = []
@@ -705,8 +715,9 @@ def markdown(res: dict[str, Any]) -> list[str]:
         if p.get("variants"):
             s += [
                 "The last rows are the full-size request on extra servers (same rounds, interleaved): fewer alpha "
-                "levels (`HEATMAP_LEVELS`), and a `THRESHOLD` that lets through as many findings per image as a "
-                "trained model typically predicts (the untrained v0 passes about half of the 14).",
+                "levels (`HEATMAP_LEVELS`), every predicted finding's heatmap (`HEATMAP_MAX_FINDINGS=0`), and a "
+                "`THRESHOLD` that lets through as many findings per image as a trained model typically predicts "
+                "(the untrained v0 passes about half of the 14).",
                 "",
             ]
         for r in table:
@@ -765,6 +776,9 @@ def main() -> None:
     parser.add_argument(
         "--heatmaps-variant", type=float, default=1.5, help="heatmaps/image of the THRESHOLD variant (0: skip)"
     )
+    parser.add_argument(
+        "--no-uncapped-variant", action="store_true", help="skip the HEATMAP_MAX_FINDINGS=0 (every heatmap) run"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads, here and in the app")
     parser.add_argument("--markdown-only", action="store_true", help="rebuild the .md from the last .json")
     args = parser.parse_args()
@@ -798,6 +812,7 @@ def main() -> None:
             budget_s=30 if args.quick else 80,
             levels_variant=args.levels_variant,
             heatmaps_variant=args.heatmaps_variant,
+            uncapped_variant=not args.no_uncapped_variant,
             work=work,
             extra_env=thread_env,
         )

@@ -41,11 +41,12 @@ class Settings:
     device: str = "auto"
     heatmap_levels: int = 64
     heatmap_floor: float = 0.2
+    heatmap_max_findings: int = 4  # heatmaps for at most this many predicted findings per task (0 = all)
     threshold: float = 0.5
     max_image_pixels: int = 64_000_000
     max_image_bytes: int = 64 * 1024 * 1024
     fetch_timeout_s: float = 20.0
-    predict_batch_size: int = 16
+    predict_batch_size: int = 8
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -66,9 +67,10 @@ class Settings:
             device=_env_str("DEVICE", "auto") or "auto",
             heatmap_levels=_env_int("HEATMAP_LEVELS", 64),
             heatmap_floor=_env_float("HEATMAP_FLOOR", 0.2),
+            heatmap_max_findings=_env_int("HEATMAP_MAX_FINDINGS", 4),
             threshold=_env_float("THRESHOLD", 0.5),
             max_image_pixels=_env_int("MAX_IMAGE_PIXELS", 64_000_000),
             max_image_bytes=_env_int("MAX_IMAGE_BYTES", 64 * 1024 * 1024),
             fetch_timeout_s=_env_float("FETCH_TIMEOUT_S", 20.0),
-            predict_batch_size=_env_int("PREDICT_BATCH_SIZE", 16),
+            predict_batch_size=_env_int("PREDICT_BATCH_SIZE", 8),
         )

@@ -89,7 +89,10 @@ def test_predict_findings_probabilities_and_heatmaps(client, ls_request, nih_fil
         predicted = {k for k, p in probabilities.items() if p >= 0.5}
         assert set(choices[0]["value"]["choices"]) == (predicted or {"No Finding"})
         brushes = [r for r in prediction["result"] if r["type"] == "brushlabels"]
-        assert {b["value"]["brushlabels"][0] for b in brushes} == predicted
+        # a heatmap for each predicted finding, the most probable HEATMAP_MAX_FINDINGS of them
+        cap = client.app.state.settings.heatmap_max_findings
+        top = set(sorted(predicted, key=lambda k: -probabilities[k])[:cap])
+        assert {b["value"]["brushlabels"][0] for b in brushes} == top
         for brush in brushes:
             assert (brush["original_width"], brush["original_height"]) == (size, size)
             alpha = np.asarray(decode_rle(brush["value"]["rle"])).reshape(size, size, 4)[:, :, 3]
