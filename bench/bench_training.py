@@ -15,7 +15,9 @@ each on the same 16 images and labels, interleaved round by round:
 * ``ignore_100``: ignore mask on all 16 images, ``ignore_weight=0.1`` (double backprop, expected ~2x);
 * ``ignore_25``: ignore mask on 4 of 16 images (only those go through double backprop);
 * ``ignore_25+evidence``: both terms, the mix a real round has;
-* ``ignore_25_weight0``: masks present but ``ignore_weight=0`` (what switching the term off costs).
+* ``ignore_25_weight0``: masks present but ``ignore_weight=0`` (what switching the term off costs);
+* ``ignore_25+counterfactual``: ``ignore_25`` plus the counterfactual images ``fine_tune`` makes by default
+  (``train/counterfactual.py``: artefacts removed from masked images, pasted onto 25% of the others).
 
 Writes ``bench/results/training.json`` and ``bench/results/training.md``.
 """
@@ -54,6 +56,7 @@ from ml_backend.explain.cam import HeatmapExplainer
 from ml_backend.io.images import decode_image
 from ml_backend.io.label_config import parse_label_config
 from ml_backend.models.classifier import build_classifier, normalisation
+from ml_backend.train.counterfactual import ArtefactBank, counterfactual_batch
 from ml_backend.train.examples import Example, ExampleTensors, tensorise
 from ml_backend.train.losses import LossConfig, positive_weights
 from ml_backend.train.trainer import _set_train_mode, heatmap_grid, train_step
@@ -113,11 +116,18 @@ def run_size(size: int, reps: int, budget_s: float) -> dict[str, Any]:
         "ignore_25": (with_masks(data, 0.25, False), LossConfig(ignore_weight=0.1, evidence_weight=0.0)),
         "ignore_25+evidence": (with_masks(data, 0.25, True), LossConfig(ignore_weight=0.1, evidence_weight=0.1)),
         "ignore_25_weight0": (with_masks(data, 0.25, False), off),
+        # what fine_tune runs by default: the input-gradient term + counterfactual images (same rows)
+        "ignore_25+counterfactual": (with_masks(data, 0.25, False), LossConfig(evidence_weight=0.0)),
     }
+    generator = torch.Generator().manual_seed(0)
     parts_seen: dict[str, list[str]] = {}
 
     def step(name: str) -> None:
         batch, config = variants_spec[name]
+        if config.counterfactuals and config.ignore_weight > 0:
+            batch = counterfactual_batch(
+                batch, ArtefactBank.from_examples(batch), generator, config.artefact_paste_rate
+            )
         loss, parts = train_step(explainer, batch, config, pos_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,15 +1,16 @@
-"""Mechanism test on real chest X-rays: the ignore-mask loss acts on the model's dependence on a shortcut.
+"""Mechanism test on real chest X-rays: the ignore-mask terms act on the model's dependence on a shortcut.
 
 An artefact (a text tag with varying position, size and intensity) is stamped on the training images of
 Cardiomegaly (more often for men); the test split is marker-free. A model trained on that data leans on the
-marker. Fine-tuning from it (as the product's worker does) with the input-gradient ignore-mask loss on 25% of
-the marked images lowers the dependence compared with fine-tuning on the same data without masks. Dependence is
-measured directly: the change in the Cardiomegaly probability when the marker is added to the same test image
-(paired, label-free).
+marker. Fine-tuning from it (as the product's worker does) with the ignore-mask terms (input-gradient penalty +
+counterfactual rows, train/counterfactual.py) lowers the dependence compared with fine-tuning on the same data
+without masks. Dependence is measured directly: the change in the Cardiomegaly probability when the marker is
+added to the same test image (paired, label-free).
 
-Measured here (seed 0): ΔP 0.49 after labels-only fine-tuning, 0.38 with masks: the term works in the right
-direction but does not yet remove the dependence when fine-tuning (issue 3 stays open on that); the test
-guards the direction and a minimum effect. Multi-seed numbers: bench/results/physician.md.
+Measured (seed 0, 8 fine-tuning epochs, this CPU): the biased model ΔP 0.36; fine-tuned on labels only 0.48;
+with the ignore-mask terms and masks on a quarter of the marked images 0.20 (-58%), on all of them 0.06 (-88%),
+with the finding's AUROC kept (0.63 / 0.66 vs 0.67). Without the counterfactual rows the input-gradient term
+alone gave 0.43 / 0.50 (bench/results/mechanism.md has seeds and spread).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def test_ignore_masks_remove_the_dependence_on_a_shortcut() -> None:
     shortcut = sim.Shortcut(kinds=("tag",))
     images, markers = sim.inject_shortcut(train, shortcut, np.random.default_rng(0))
     spec = sim.ModelSpec()
-    no_attention = LossConfig(prediction="wbce", ignore_weight=0.0, evidence_weight=0.0)
+    no_attention = LossConfig(prediction="wbce", ignore_weight=0.0, evidence_weight=0.0, counterfactuals=False)
 
     biased = sim.new_model(spec, len(data.findings), seed=0)
     sim.train(biased, sim.make_tensors(biased, spec, images, train.labels), replace(spec.scratch, loss=no_attention), 0)
@@ -47,20 +48,29 @@ def test_ignore_masks_remove_the_dependence_on_a_shortcut() -> None:
 
     rng = np.random.default_rng(1)
     marked = [i for i, m in enumerate(markers) if m is not None]
-    masked = set(rng.choice(marked, size=max(1, len(marked) // 4), replace=False).tolist())
-    ignore = [markers[i] if i in masked else None for i in range(len(images))]
+    quarter = set(rng.choice(marked, size=max(1, len(marked) // 4), replace=False).tolist())
     results = {}
-    for arm, loss, masks in [("labels only", no_attention, None), ("ignore masks", LossConfig(), ignore)]:
+    arms = [
+        ("labels only", no_attention, set()),
+        ("masks on 25%", LossConfig(), quarter),
+        ("masks on all", LossConfig(), set(marked)),
+    ]
+    for arm, loss, masked in arms:
         model = copy.deepcopy(biased)
-        tensors = sim.make_tensors(model, spec, images, train.labels, ignore=masks)
-        sim.train(model, tensors, replace(spec.finetune, loss=loss, epochs=4), seed=0)
+        ignore = [markers[i] if i in masked else None for i in range(len(images))]
+        tensors = sim.make_tensors(model, spec, images, train.labels, ignore=ignore)
+        sim.train(model, tensors, replace(spec.finetune, loss=loss, epochs=8), seed=0)
         results[arm] = sim.evaluate(model, spec, test, shortcut, thresholds, seed=1, with_bias_metrics=False)
 
     print(
         {arm: (round(r["delta_p"], 3), round(r["shortcut_auroc"], 3)) for arm, r in results.items()},
         "before",
         round(before["delta_p"], 3),
-        f"{len(masked)} masks on {len(images)} images",
+        f"{len(quarter)} / {len(marked)} masks on {len(images)} images",
     )
-    # at least a 10% lower dependence than the same fine-tuning without masks (measured: 22%)
-    assert results["ignore masks"]["delta_p"] < 0.9 * results["labels only"]["delta_p"]
+    labels_only = results["labels only"]["delta_p"]
+    # measured: 0.20 vs 0.48 with a quarter of the artefacts masked, 0.06 with all of them
+    assert results["masks on 25%"]["delta_p"] < 0.65 * labels_only
+    assert results["masks on all"]["delta_p"] < 0.35 * labels_only
+    # the finding itself is still learnt
+    assert results["masks on all"]["shortcut_auroc"] > 0.6

@@ -38,6 +38,8 @@ def train_config_from_env() -> TrainConfig:
         prediction=os.environ.get("PRED_LOSS", "wbce"),
         ignore_weight=float(os.environ.get("IGNORE_LOSS_WEIGHT", "0.1")),
         evidence_weight=float(os.environ.get("EVIDENCE_LOSS_WEIGHT", "0.1")),
+        counterfactuals=os.environ.get("COUNTERFACTUALS", "1").lower() not in ("0", "false", "no", "off"),
+        artefact_paste_rate=float(os.environ.get("ARTEFACT_PASTE_RATE", "0.5")),
     )
     return TrainConfig(
         epochs=int(os.environ.get("TRAIN_EPOCHS", "5")),

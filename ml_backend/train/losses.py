@@ -1,8 +1,12 @@
 """The training objective: an imbalance-aware prediction loss plus attention terms driven by brush masks.
 
 * Ignore masks ("never look here") penalise the input gradient inside the mask (Right for the Right
-  Reasons, Ross et al. 2017). That removes the model's *dependence* on those pixels; penalising heatmap mass
+  Reasons, Ross et al. 2017). That acts on the model's *dependence* on those pixels; penalising heatmap mass
   there does not (measured in ../shared/docs/design-notes.md: the evidence moves to neighbouring cells).
+* Ignore masks also drive counterfactual images (train/counterfactual.py, applied by the trainer): the marked
+  artefact removed from its image and pasted onto others. In fine-tuning from a model that already leans on an
+  artefact, that is what removed most of the dependence; the gradient term alone barely moved it
+  (bench/results/mechanism.md).
 * Evidence masks for a finding penalise the share of that finding's Grad-CAM mass outside the mask, so the
   heatmaps physicians see move to where they said the evidence is.
 
@@ -25,6 +29,10 @@ class LossConfig:
     prediction: str = "wbce"  # "wbce" (BCE with per-finding positive weights), "asl" or "bce"
     ignore_weight: float = 0.1  # m for the input-gradient term, relative to the prediction loss
     evidence_weight: float = 0.1  # m for the heatmap-alignment term
+    # Ignore masks also yield counterfactual images (counterfactual.py): artefacts removed from their images
+    # and pasted onto this share of the others.
+    counterfactuals: bool = True
+    artefact_paste_rate: float = 0.5
     max_pos_weight: float = 20.0
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ml_backend.explain.cam import HeatmapExplainer
+from ml_backend.train.counterfactual import ArtefactBank, counterfactual_batch
 from ml_backend.train.examples import ExampleTensors
 from ml_backend.train.losses import (
     LossConfig,
@@ -130,6 +131,8 @@ def fine_tune(
     pos_weight = positive_weights(data.targets, config.loss.max_pos_weight).to(device)
     history: list[dict[str, float]] = []
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
+    generator = torch.Generator().manual_seed(config.seed)
+    bank = ArtefactBank.from_examples(data) if config.loss.counterfactuals else None
     for epoch in range(config.epochs):
         _set_train_mode(model, config.freeze_batchnorm)
         started = time.perf_counter()
@@ -153,6 +156,8 @@ def fine_tune(
                     )
                 )
             )
+            if bank is not None:
+                batch = counterfactual_batch(batch, bank, generator, config.loss.artefact_paste_rate)
             loss, parts = train_step(explainer, batch, config.loss, pos_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
