@@ -207,6 +207,26 @@ def test_bald_baseline_prefers_disagreeing_passes() -> None:
         rank_candidates(RankInputs(p, ["x"]), RankConfig(strategy="bald"))
 
 
+def test_bias_strategy_uses_epistemic_disagreement_when_samples_are_given() -> None:
+    t, n = 8, 4
+    mc = np.full((t, n, 2), 0.3, dtype=np.float32)  # same mean probability everywhere
+    mc[::2, 2, 1], mc[1::2, 2, 1] = 0.05, 0.55  # image 2: the passes disagree on finding "b"
+    p = mc.mean(axis=0)
+    config = RankConfig(signal_weights={"diversity": 0.0})
+    without = rank_candidates(RankInputs(p, ["a", "b"]), config)
+    assert "epistemic" not in without[0].signals  # no samples, no signal (and no error)
+    items = rank_candidates(RankInputs(p, ["a", "b"], mc_probabilities=mc), config)
+    assert order(items)[0] == 2
+    assert items[0].signals["epistemic"] == pytest.approx(1.0)
+    assert "knowledge of b is unsettled" in items[0].reason
+    off = rank_candidates(
+        RankInputs(p, ["a", "b"], mc_probabilities=mc), RankConfig(signal_weights={"epistemic": 0, "diversity": 0})
+    )
+    assert "epistemic" not in off[0].signals
+    with pytest.raises(ValueError, match="mc_probabilities must have shape"):
+        rank_candidates(RankInputs(p, ["a", "b"], mc_probabilities=mc[:, :3]), config)
+
+
 def test_mc_dropout_probabilities_on_a_timm_model_and_a_plain_one() -> None:
     from ml_backend.models.classifier import build_classifier
 

@@ -523,10 +523,12 @@ def _rank_outputs(
     probabilities = np.stack([o.probabilities for o in outputs]).astype(np.float32)
     features = np.stack([o.features for o in outputs]).astype(np.float32)
     mc = None
-    if config.strategy == "bald":
-        head = loaded.explainer.classifier
-        if head is None:
-            raise RankError("the BALD baseline needs an avg-pool + linear head (resnet, densenet, convnext, ...)")
+    head = loaded.explainer.classifier
+    wants_mc = config.strategy == "bald" or (config.strategy == "bias" and config.signal_weights["epistemic"] > 0)
+    if config.strategy == "bald" and head is None:
+        raise RankError("the BALD baseline needs an avg-pool + linear head (resnet, densenet, convnext, ...)")
+    if wants_mc and head is not None:
+        # dropout on the pooled features the predictor already computed: T small matrix products, no forward
         rate = float(getattr(loaded.model, "drop_rate", 0.0) or 0.0) or config.mc_dropout
         mc = mc_probabilities_from_features(features, head, config.mc_passes, rate, config.seed)
     inputs = RankInputs(

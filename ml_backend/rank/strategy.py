@@ -4,8 +4,9 @@
 physicians already gave (label counts, co-occurrence, where they painted "ignore") into one priority per image,
 a position in the review queue and a short reason. Strategies:
 
-* ``bias`` (default): five signals, each on an absolute [0, 1] scale so a weight means the same on every project:
-  uncertainty (binary entropy per finding), rarity (rare findings the image may contain), co-occurrence risk
+* ``bias`` (default): six signals, each on a [0, 1] scale so a weight means the same on every project:
+  uncertainty (binary entropy per finding), epistemic uncertainty (BALD on MC-dropout samples, where given;
+  scaled within the candidate pool), rarity (rare findings the image may contain), co-occurrence risk
   (a finding predicted alongside its frequent partner, or uncertain where the partner is absent), heatmap risk
   (attention on the ignore region, outside the body, or several findings on the same spot) and diversity
   (greedy re-ranking of the head of the queue against near-duplicates, on the backbone's pooled features).
@@ -46,7 +47,7 @@ __all__ = [
 ]
 
 STRATEGIES = ("bias", "random", "entropy", "bald")
-SIGNALS = ("uncertainty", "rarity", "cooccurrence", "heatmap", "diversity")
+SIGNALS = ("uncertainty", "epistemic", "rarity", "cooccurrence", "heatmap", "diversity")
 HEATMAP_PARTS = ("ignore", "outside", "overlap")
 _EPS = 1e-12
 # An imbalance of at least this ratio (most common / this finding) counts as fully rare; smaller ratios count
@@ -84,7 +85,16 @@ class RankedItem:
 
 def _default_signal_weights() -> dict[str, float]:
     # Heatmap risk weighs most: attention on a marker or outside the body is the bias a physician's mask fixes.
-    return {"uncertainty": 1.0, "rarity": 1.0, "cooccurrence": 0.75, "heatmap": 2.0, "diversity": 1.0}
+    # Epistemic uncertainty (BALD on MC dropout) is used where MC samples are given: in the simulated-physician
+    # benchmark it surfaced the images whose correction removed the shortcut fastest (bench/results/physician.md).
+    return {
+        "uncertainty": 1.0,
+        "epistemic": 1.5,
+        "rarity": 1.0,
+        "cooccurrence": 0.75,
+        "heatmap": 2.0,
+        "diversity": 1.0,
+    }
 
 
 def _default_heatmap_parts() -> dict[str, float]:
@@ -297,6 +307,17 @@ def _uncertainty(p: np.ndarray, w: np.ndarray) -> _Signal:
     h = binary_entropy(p)
     value = (h * w).sum(axis=1) / max(w.sum(), _EPS)
     return _Signal(value, np.argmax(h * w, axis=1))
+
+
+def _epistemic(mc: np.ndarray, w: np.ndarray) -> _Signal:
+    # BALD per finding, weighted mean over findings. Mutual information under feature dropout is small in
+    # absolute terms (typically < 0.05 bit), so it is scaled by the pool's 99th percentile: 1 = among the most
+    # epistemically uncertain of the candidates, comparable with the [0, 1] scale of the other signals.
+    mi = bald_scores(mc)
+    value = (mi * w).sum(axis=1) / max(w.sum(), _EPS)
+    scale = float(np.percentile(value, 99)) if len(value) else 0.0
+    scaled = np.clip(value / scale, 0.0, 1.0) if scale > _EPS else np.zeros_like(value)
+    return _Signal(scaled, np.argmax(mi * w, axis=1), {"bits": value})
 
 
 def _rarity_per_finding(inputs: RankInputs, config: RankConfig, labels: Sequence[str]) -> np.ndarray | None:
@@ -522,20 +543,25 @@ def rank_candidates(inputs: RankInputs, config: RankConfig | None = None, top_k:
     if config.strategy == "bald":
         if inputs.mc_probabilities is None:
             raise ValueError("strategy 'bald' needs mc_probabilities (T, N, K): see mc_dropout_probabilities")
-        mc = np.clip(_as_array(inputs.mc_probabilities, "mc_probabilities", 3), 0.0, 1.0)
-        if mc.shape[1:] != p.shape or mc.shape[0] < 2:
-            raise ValueError(f"mc_probabilities must have shape (T>=2, {n}, {len(labels)}), got {mc.shape}")
-        mi = bald_scores(mc)
+        mi = bald_scores(_checked_mc(inputs, p))
+        mc_passes = inputs.mc_probabilities.shape[0]
         value = (mi * w).sum(axis=1) / max(w.sum(), _EPS)
         top = (mi * w).argmax(axis=1)
         order = np.lexsort((np.arange(n), -value))
         reasons = [
-            f"BALD baseline ({mc.shape[0]} MC-dropout passes): mutual information {v:.3f}; "
+            f"BALD baseline ({mc_passes} MC-dropout passes): mutual information {v:.3f}; "
             f"highest on {labels[a]} ({mi[i, a]:.3f})"
             for i, (v, a) in enumerate(zip(value, top, strict=True))
         ]
         return _finish(value, order, reasons, [{"bald": float(v)} for v in value], limit)
     return _rank_bias(inputs, config, p, labels, w, limit, top_k)
+
+
+def _checked_mc(inputs: RankInputs, p: np.ndarray) -> np.ndarray:
+    mc = np.clip(_as_array(inputs.mc_probabilities, "mc_probabilities", 3), 0.0, 1.0)
+    if mc.shape[1:] != p.shape or mc.shape[0] < 2:
+        raise ValueError(f"mc_probabilities must have shape (T>=2, {p.shape[0]}, {p.shape[1]}), got {mc.shape}")
+    return mc
 
 
 def _finish(
@@ -562,6 +588,8 @@ def _rank_bias(
     signals: dict[str, _Signal] = {}
     if sw["uncertainty"] > 0:
         signals["uncertainty"] = _uncertainty(p, w)
+    if sw["epistemic"] > 0 and inputs.mc_probabilities is not None:
+        signals["epistemic"] = _epistemic(_checked_mc(inputs, p), w)
     rarity = _rarity_per_finding(inputs, config, labels) if sw["rarity"] > 0 else None
     if rarity is not None:
         signals["rarity"] = _rarity(p, rarity, wn)
@@ -650,6 +678,8 @@ class _Explainer:
             finding, prob = labels[a], probs[a]
             if name == "uncertainty":
                 parts.append(f"uncertain about {finding} (p={prob:.2f})")
+            elif name == "epistemic":
+                parts.append(f"the model's knowledge of {finding} is unsettled here (MC-dropout disagreement)")
             elif name == "rarity":
                 parts.append(f"rare finding {finding} predicted at {prob:.2f}")
             elif name == "cooccurrence":
