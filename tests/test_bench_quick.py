@@ -1,0 +1,51 @@
+"""The simulated-physician benchmark's quick mode runs end to end (one fold, small budget): the pipeline, not
+the headline numbers, which need the full run (bench/results/physician.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import NIH, shared_or_skip
+
+pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_physician_benchmark_quick_mode(tmp_path: Path) -> None:
+    shared_or_skip(NIH)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_physician.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in (
+        "shortcut_dependence_reduction_pct",
+        "auroc_gap_recovered_pct",
+        "macro_f1_gain_points",
+        "eod_reduction_pct",
+        "intervals_95",
+        "annotation_reduction_pct",
+        "full_vs_orderings_at_their_final_delta_p",
+        "seeds",
+        "budget",
+        "command",
+    ):
+        assert key in summary, key
+    assert summary["seeds"] == 1 and summary["budget"] == [10, 20]
+    arms = summary["per_arm"]
+    assert {"baseline", "imbalance", "attention_random", "attention_entropy", "attention_bald", "full"} <= set(arms)
+    for name, row in arms.items():
+        assert -1.0 <= row["delta_p"] <= 1.0, name
+        assert 0.0 <= row["macro_auroc"] <= 1.0, name
+    # every ordering reviewed exactly the budget, and the simulated physician painted masks where it saw markers
+    for curve in summary["curves"].values():
+        assert curve["budget"] == [10, 20] and curve["seconds"][-1] >= 20 * 20.0
+    assert (tmp_path / "physician_curves.png").stat().st_size > 10_000
+    assert "| shortcut_dependence_reduction_pct |" in (tmp_path / "physician.md").read_text()
