@@ -8,22 +8,11 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from ml_backend.explain.cam import HeatmapExplainer, linear_head, normalise_maps, upsample_maps
+from ml_backend.explain.cam import HeatmapExplainer, linear_head, normalise_maps, reference_gradcam, upsample_maps
 
 
 def autograd_gradcam(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Textbook Grad-CAM on the last feature map, one full backward pass per finding through the whole model."""
-    maps = []
-    for k in range(model.get_classifier().out_features if hasattr(model.get_classifier(), "out_features") else 0):
-        inputs = x.clone().requires_grad_(True)
-        features = model.forward_features(inputs)
-        features.retain_grad()
-        logits = model.forward_head(features)
-        model.zero_grad()
-        logits[:, k].sum().backward()
-        weights = features.grad.mean(dim=(2, 3), keepdim=True)
-        maps.append(F.relu((weights * features).sum(dim=1)).detach())
-    return torch.stack(maps, dim=1)
+    return reference_gradcam(model, x, model.get_classifier().out_features)
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_b0", "test_resnet"])

@@ -105,3 +105,21 @@ def upsample_maps(cams: torch.Tensor, height: int, width: int) -> torch.Tensor:
     flat = cams.reshape(-1, 1, *cams.shape[-2:])
     up = F.interpolate(flat, size=(height, width), mode="bilinear", align_corners=False)
     return up.reshape(*lead, height, width)
+
+
+def reference_gradcam(model: nn.Module, x: torch.Tensor, num_findings: int) -> torch.Tensor:
+    """Textbook Grad-CAM on the last feature map, one full backward pass per finding through the whole model.
+
+    Slow on purpose: the reference the one-pass path is checked against (tests/test_cam.py, bench/bench_gpu.py).
+    """
+    maps = []
+    for k in range(num_findings):
+        inputs = x.clone().requires_grad_(True)
+        features = model.forward_features(inputs)
+        features.retain_grad()
+        logits = model.forward_head(features)
+        model.zero_grad()
+        logits[:, k].sum().backward()
+        weights = features.grad.mean(dim=(2, 3), keepdim=True)
+        maps.append(F.relu((weights * features).sum(dim=1)).detach())
+    return torch.stack(maps, dim=1)
