@@ -9,7 +9,8 @@ over the artefact on a share of the marked images, as the product's worker fine-
 Arms (the product's own trainer and losses):
 * labels only: prediction loss (weighted BCE), no mask used;
 * input gradient: + RRR penalty inside the masks (m = 0.1, rescaled every step);
-* counterfactual: + the marked region swapped between images (train/counterfactual.py), no gradient penalty;
+* counterfactual: + counterfactual rows (train/counterfactual.py: the marked region filled from another image,
+  marked regions pasted onto half the unmasked images with their labels kept), no gradient penalty;
 * both: the product's default (LossConfig()).
 
 Primary measure: ΔP, the mean change of the Cardiomegaly probability when a tag is added to the same marker-free
