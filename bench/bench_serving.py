@@ -661,9 +661,10 @@ def markdown(res: dict[str, Any]) -> list[str]:
                 rows,
             ),
             "",
-            "Time per request (medians, seconds; fetch/model/heatmaps from the app's /metrics; `serialise` = time "
-            "to the response's first byte minus the predictor's total (mostly the app's JSON serialisation of the "
-            "result, which runs on the event loop); `transfer` = first byte to last byte at the client; `model / "
+            "Time per request (medians, seconds; fetch/model/heatmaps from the app's /metrics: fetch+decode and "
+            "heatmaps are the parts the model waited for or that followed it, the rest overlaps the forward passes;"
+            " `serialise` = time to the response's first byte minus the predictor's total (orjson in a worker "
+            "thread); `transfer` = first byte to last byte at the client; `model / "
             "wall` = the app's own model stage over the request's wall time, the ratio the request would reach if "
             "the bare forward ran exactly as fast as the app's model stage (less sensitive to machine noise):",
             "",

@@ -352,3 +352,16 @@ def test_alpha_to_mask() -> None:
     alpha = np.array([[0, 1, 127, 128, 255]], np.uint8)
     np.testing.assert_array_equal(alpha_to_mask(alpha), [[False, True, True, True, True]])
     np.testing.assert_array_equal(alpha_to_mask(alpha, threshold=128), [[False, False, False, True, True]])
+
+
+def test_array_form_serialises_to_the_same_json_as_the_list() -> None:
+    import orjson
+
+    from ml_backend.explain.brush_rle import encode_alpha_array
+
+    alpha = (np.random.default_rng(3).random((97, 131)) * 255).astype(np.uint8)
+    array = encode_alpha_array(alpha)
+    assert array.dtype == np.uint8
+    assert array.tolist() == encode_alpha(alpha)
+    # what /predict does (orjson with OPT_SERIALIZE_NUMPY) gives the bytes the list would give
+    assert orjson.dumps({"rle": array}, option=orjson.OPT_SERIALIZE_NUMPY) == orjson.dumps({"rle": array.tolist()})

@@ -21,7 +21,7 @@ from itertools import combinations_with_replacement
 
 import numpy as np
 
-__all__ = ["alpha_to_mask", "decode_alpha", "encode_alpha", "heatmap_to_alpha"]
+__all__ = ["alpha_to_mask", "decode_alpha", "encode_alpha", "encode_alpha_array", "heatmap_to_alpha"]
 
 HEADER_BITS = 53
 CHANNELS = 4  # RGBA; every pixel is repeated 4 times in the stream, like the SDK's ``mask2rle``
@@ -83,7 +83,20 @@ def encode_alpha(
     rle_sizes: tuple[int, int, int, int] | None = None,
     wordsize: int | None = None,
 ) -> list[int]:
-    """Encode a (H, W) uint8 alpha mask as Label Studio brush RLE bytes.
+    """Label Studio brush RLE of a (H, W) uint8 alpha mask, as the list of byte values its JSON holds."""
+    return encode_alpha_array(alpha, rle_sizes=rle_sizes, wordsize=wordsize).tolist()
+
+
+def encode_alpha_array(
+    alpha: np.ndarray,
+    *,
+    rle_sizes: tuple[int, int, int, int] | None = None,
+    wordsize: int | None = None,
+) -> np.ndarray:
+    """Encode a (H, W) uint8 alpha mask as Label Studio brush RLE bytes (a uint8 array).
+
+    The array form skips building ~100k Python ints per full-size heatmap: orjson writes a uint8 array
+    (``OPT_SERIALIZE_NUMPY``) to the same JSON list, faster than it writes the list.
 
     The stream decodes to ``np.repeat(alpha.ravel(), 4)`` (RGB = alpha, as the SDK's ``mask2rle`` and
     the editor write it). Every run in that stream is >= 4 values long, so repeat chunks are always
@@ -148,7 +161,7 @@ def encode_alpha(
     header = (num << 21) | ((wordsize - 1) << 16)
     for k, s in enumerate(sizes):
         header |= (s - 1) << (12 - 4 * k)
-    return _pack_codes(codes, widths, header).tolist()
+    return _pack_codes(codes, widths, header)
 
 
 # --------------------------------------------------------------------------------------------- decoding

@@ -173,7 +173,9 @@ def create_app(settings: Settings | None = None, webhook: WebhookHandler | None 
         results = await run_in_threadpool(predictor.predict, tasks, schema, loaded)
         # orjson in the thread pool: a batch of full-size heatmaps is tens of MB of integers, which the stdlib
         # encoder (and FastAPI's) would serialise several times slower, on the event loop.
-        payload = await run_in_threadpool(orjson.dumps, {"results": results, "model_version": loaded.version})
+        payload = await run_in_threadpool(
+            orjson.dumps, {"results": results, "model_version": loaded.version}, None, orjson.OPT_SERIALIZE_NUMPY
+        )
         return Response(payload, media_type="application/json")
 
     @app.post("/webhook")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ml_backend.config import Settings
-from ml_backend.explain.brush_rle import encode_alpha, heatmap_to_alpha
+from ml_backend.explain.brush_rle import encode_alpha, encode_alpha_array, heatmap_to_alpha
 from ml_backend.explain.cam import normalise_maps, upsample_maps
 from ml_backend.io.images import ImageError, LoadedImage, load_image
 from ml_backend.io.label_config import ProjectSchema
@@ -79,43 +79,60 @@ class Predictor:
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="predict-io")
         self.stats = PredictStats()
 
+    def _load_one(self, task: Any, schema: ProjectSchema) -> LoadedImage | str:
+        try:
+            if not isinstance(task, dict):
+                raise ImageError("task is not a JSON object")
+            return load_image(task_image_ref(task, schema), self.settings, self.http)
+        except ImageError as exc:
+            return str(exc)
+        except Exception as exc:  # a bad task must never sink the batch
+            log.exception("unexpected error loading task image")
+            return f"unexpected error: {exc.__class__.__name__}: {exc}"
+
     def load_images(self, tasks: Sequence[dict[str, Any]], schema: ProjectSchema) -> list[LoadedImage | str]:
         """Each task's image, or the reason it could not be loaded."""
-
-        def one(task: dict[str, Any]) -> LoadedImage | str:
-            try:
-                if not isinstance(task, dict):
-                    raise ImageError("task is not a JSON object")
-                return load_image(task_image_ref(task, schema), self.settings, self.http)
-            except ImageError as exc:
-                return str(exc)
-            except Exception as exc:  # a bad task must never sink the batch
-                log.exception("unexpected error loading task image")
-                return f"unexpected error: {exc.__class__.__name__}: {exc}"
-
-        return list(self.pool.map(one, tasks))
+        return list(self.pool.map(lambda task: self._load_one(task, schema), tasks))
 
     def predict(self, tasks: Sequence[dict[str, Any]], schema: ProjectSchema, loaded: LoadedModel) -> list[dict]:
+        """One result per task, in order. Brush RLE in the results is a uint8 array: serialise with orjson's
+        ``OPT_SERIALIZE_NUMPY`` (the app does), or use ``task_prediction`` for plain lists."""
         started = time.perf_counter()
-        images = self.load_images(tasks, schema)
-        fetched = time.perf_counter()
-        good = [i for i, img in enumerate(images) if isinstance(img, LoadedImage)]
-        # Pipelined: while the model runs batch i+1 (holding the model lock), pool threads turn batch i's maps
-        # into heatmaps (numpy RLE, GIL mostly released), so at natural image size the heatmaps hide behind
-        # the forward pass instead of following it.
+        # Pipelined end to end: pool threads fetch and decode every image at once; the model starts on the
+        # first batch as soon as its images are in; while it runs batch i+1 (holding the model lock), pool
+        # threads turn batch i's maps into heatmaps (numpy RLE, GIL mostly released). At natural image size the
+        # fetch and the heatmaps then hide behind the forward pass instead of preceding and following it.
+        fetches = [self.pool.submit(self._load_one, task, schema) for task in tasks]
+        images: list[LoadedImage | str] = []
         pending: list[tuple[int, Future[dict[str, Any]]]] = []
-        seconds_model = 0.0
+        seconds_model = seconds_waiting = 0.0
         batch_size = max(1, self.settings.predict_batch_size)
-        for start in range(0, len(good), batch_size):
-            slots = good[start : start + batch_size]
+        # The last batch's heatmaps cannot hide behind a forward pass: a short final batch keeps that tail short.
+        tail = max(1, batch_size // 4)
+        slots: list[int] = []
+        for index, fetch in enumerate(fetches):
             before = time.perf_counter()
-            output = run_model(loaded, [images[i].pixels for i in slots], batch_size)
-            seconds_model += time.perf_counter() - before
-            for j, index in enumerate(slots):
-                future = self.pool.submit(
-                    self.task_prediction, schema, loaded, output.probabilities[j], output.cams[j], images[index]
-                )
-                pending.append((index, future))
+            images.append(fetch.result())  # _load_one never raises
+            seconds_waiting += time.perf_counter() - before
+            if isinstance(images[index], LoadedImage):
+                slots.append(index)
+            remaining = len(fetches) - 1 - index
+            if slots and (len(slots) == batch_size or remaining in (0, tail)):
+                before = time.perf_counter()
+                output = run_model(loaded, [images[i].pixels for i in slots], batch_size)
+                seconds_model += time.perf_counter() - before
+                for j, slot in enumerate(slots):
+                    future = self.pool.submit(
+                        self.task_prediction,
+                        schema,
+                        loaded,
+                        output.probabilities[j],
+                        output.cams[j],
+                        images[slot],
+                        rle_as_array=True,
+                    )
+                    pending.append((slot, future))
+                slots = []
         modelled = time.perf_counter()
         by_index: dict[int, dict[str, Any] | str] = {}
         for index, future in pending:
@@ -137,7 +154,8 @@ class Predictor:
         finished = time.perf_counter()
         self.stats.requests += 1
         self.stats.tasks += len(tasks)
-        self.stats.seconds_fetch += fetched - started
+        # Fetch time the model waited for (the rest overlapped the forward passes).
+        self.stats.seconds_fetch += seconds_waiting
         self.stats.seconds_model += seconds_model
         # Heatmap time not hidden behind the model (the last batch's, mostly).
         self.stats.seconds_heatmaps += finished - modelled
@@ -151,6 +169,7 @@ class Predictor:
         probabilities: np.ndarray,
         cams: torch.Tensor,
         image: LoadedImage,
+        rle_as_array: bool = False,
     ) -> dict[str, Any]:
         predicted = [k for k, p in enumerate(probabilities) if p >= loaded.thresholds[k]]
         findings = [loaded.labels[k] for k in predicted]
@@ -180,6 +199,7 @@ class Predictor:
             # their choice and probability.
             with_heatmap = sorted(with_heatmap, key=lambda k: -probabilities[k])[:cap]
         if with_heatmap:
+            encode = encode_alpha_array if rle_as_array else encode_alpha
             heat = upsample_maps(cams[with_heatmap], image.height, image.width).clamp_(0, 1).numpy()
             for k, finding_heat in zip(with_heatmap, heat, strict=True):
                 alpha = heatmap_to_alpha(
@@ -194,7 +214,7 @@ class Predictor:
                         "original_width": image.width,
                         "original_height": image.height,
                         "image_rotation": 0,
-                        "value": {"format": "rle", "rle": encode_alpha(alpha), "brushlabels": [loaded.labels[k]]},
+                        "value": {"format": "rle", "rle": encode(alpha), "brushlabels": [loaded.labels[k]]},
                         "score": round(float(probabilities[k]), 6),
                     }
                 )
