@@ -16,7 +16,9 @@ Arms (the product's own trainer and losses):
 Primary measure: ΔP, the mean change of the Cardiomegaly probability when a tag is added to the same marker-free
 test image (paired). Also the finding's AUROC on the marker-free test fold, and a clean model (never saw a marker).
 
-Run: ``.venv/bin/python bench/bench_mechanism.py`` (about 5 min per seed on 2 cores); ``--seeds 0`` for one.
+Run: ``.venv/bin/python bench/bench_mechanism.py --shares 0.1 0.25 1.0`` (about 15 min per seed on 2 shared
+cores); ``--seeds 0`` for one. The paste-rate sweep: ``--shares 0.25 --arms "both (default)" --paste-rates 0.8 1.0
+--name mechanism_paste_rate``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ ARMS = {
 }
 
 
+def arms(args: argparse.Namespace) -> dict[str, LossConfig]:
+    chosen = {name: loss for name, loss in ARMS.items() if name == "labels only" or name in args.arms}
+    for rate in args.paste_rates:  # the default's counterfactual rows with another share of pasted artefacts
+        chosen[f"both, paste rate {rate:g}"] = replace(ARMS["both (default)"], artefact_paste_rate=rate)
+    return chosen
+
+
 def run_seed(seed: int, data: sim.LabelledImages, args: argparse.Namespace) -> dict:
     started = time.time()
     test_idx = sim.patient_folds(data.patients, 5, seed=0)[seed % 5]
@@ -76,7 +85,7 @@ def run_seed(seed: int, data: sim.LabelledImages, args: argparse.Namespace) -> d
         rng = np.random.default_rng(10_000 + seed)
         chosen = set(rng.choice(marked, size=max(1, round(len(marked) * share)), replace=False).tolist())
         ignore = [markers[i] if i in chosen else None for i in range(len(images))]
-        for name, loss in ARMS.items():
+        for name, loss in arms(args).items():
             if name == "labels only" and share != args.shares[0]:
                 out["arms"][f"{name} @ {share:.0%}"] = out["arms"][f"{name} @ {args.shares[0]:.0%}"]
                 continue
@@ -121,7 +130,7 @@ def write(runs: list[dict], args: argparse.Namespace, command: str) -> None:
         "seconds_per_seed": float(np.mean([r["seconds"] for r in runs])),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
-    (RESULTS / "mechanism.json").write_text(json.dumps(summary, indent=1))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(summary, indent=1))
 
     def fmt(cell: dict) -> str:
         return f"{cell['mean']:.3f}" + (f" ± {cell['sd']:.3f}" if cell["sd"] is not None else "")
@@ -137,7 +146,7 @@ def write(runs: list[dict], args: argparse.Namespace, command: str) -> None:
         "",
         "ΔP = mean change of the Cardiomegaly probability when the artefact is added to the same marker-free test "
         "image (0 = no dependence). AUROC on the marker-free test fold. Mean ± sd over seeds; per-seed values in "
-        "mechanism.json. `@ 25%` = ignore masks on a quarter of the marked training images.",
+        f"{args.name}.json. `@ 25%` = ignore masks on a quarter of the marked training images.",
         "",
         "| model | ΔP | Cardiomegaly AUROC |",
         "|---|---|---|",
@@ -150,7 +159,7 @@ def write(runs: list[dict], args: argparse.Namespace, command: str) -> None:
         for row in rows
         if row not in ("biased", "clean") and not row.startswith("labels only")
     ]
-    (RESULTS / "mechanism.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -160,6 +169,9 @@ def main() -> None:
     parser.add_argument("--shares", type=float, nargs="+", default=[0.25, 1.0])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--kinds", nargs="+", default=["tag"])
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="labels only always runs")
+    parser.add_argument("--paste-rates", type=float, nargs="*", default=[], help="extra ARTEFACT_PASTE_RATE arms")
+    parser.add_argument("--name", default="mechanism", help="results file stem in bench/results")
     args = parser.parse_args()
     if not DATA.exists():
         sys.exit(f"{DATA} is absent: this benchmark needs ../shared/data/nih1000")
