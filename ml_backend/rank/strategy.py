@@ -301,23 +301,25 @@ class _Signal:
     detail: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _uncertainty(p: np.ndarray, w: np.ndarray) -> _Signal:
+def _over_findings(per_finding: np.ndarray, w: np.ndarray) -> _Signal:
     # Weighted mean over findings (a max over 14 findings is ~1 for nearly every image); the reason names the
     # finding contributing most.
-    h = binary_entropy(p)
-    value = (h * w).sum(axis=1) / max(w.sum(), _EPS)
-    return _Signal(value, np.argmax(h * w, axis=1))
+    weighted = per_finding * w
+    return _Signal(weighted.sum(axis=1) / max(w.sum(), _EPS), np.argmax(weighted, axis=1))
+
+
+def _uncertainty(p: np.ndarray, w: np.ndarray) -> _Signal:
+    return _over_findings(binary_entropy(p), w)
 
 
 def _epistemic(mc: np.ndarray, w: np.ndarray) -> _Signal:
     # BALD per finding, weighted mean over findings. Mutual information under feature dropout is small in
     # absolute terms (typically < 0.05 bit), so it is scaled by the pool's 99th percentile: 1 = among the most
     # epistemically uncertain of the candidates, comparable with the [0, 1] scale of the other signals.
-    mi = bald_scores(mc)
-    value = (mi * w).sum(axis=1) / max(w.sum(), _EPS)
-    scale = float(np.percentile(value, 99)) if len(value) else 0.0
-    scaled = np.clip(value / scale, 0.0, 1.0) if scale > _EPS else np.zeros_like(value)
-    return _Signal(scaled, np.argmax(mi * w, axis=1), {"bits": value})
+    sig = _over_findings(bald_scores(mc), w)
+    scale = float(np.percentile(sig.value, 99)) if len(sig.value) else 0.0
+    scaled = np.clip(sig.value / scale, 0.0, 1.0) if scale > _EPS else np.zeros_like(sig.value)
+    return _Signal(scaled, sig.finding, {"bits": sig.value})
 
 
 def _rarity_per_finding(inputs: RankInputs, config: RankConfig, labels: Sequence[str]) -> np.ndarray | None:
@@ -543,17 +545,16 @@ def rank_candidates(inputs: RankInputs, config: RankConfig | None = None, top_k:
     if config.strategy == "bald":
         if inputs.mc_probabilities is None:
             raise ValueError("strategy 'bald' needs mc_probabilities (T, N, K): see mc_dropout_probabilities")
-        mi = bald_scores(_checked_mc(inputs, p))
-        mc_passes = inputs.mc_probabilities.shape[0]
-        value = (mi * w).sum(axis=1) / max(w.sum(), _EPS)
-        top = (mi * w).argmax(axis=1)
-        order = np.lexsort((np.arange(n), -value))
+        mc = _checked_mc(inputs, p)
+        mi = bald_scores(mc)
+        sig = _over_findings(mi, w)
+        order = np.lexsort((np.arange(n), -sig.value))
         reasons = [
-            f"BALD baseline ({mc_passes} MC-dropout passes): mutual information {v:.3f}; "
+            f"BALD baseline ({mc.shape[0]} MC-dropout passes): mutual information {v:.3f}; "
             f"highest on {labels[a]} ({mi[i, a]:.3f})"
-            for i, (v, a) in enumerate(zip(value, top, strict=True))
+            for i, (v, a) in enumerate(zip(sig.value, sig.finding, strict=True))
         ]
-        return _finish(value, order, reasons, [{"bald": float(v)} for v in value], limit)
+        return _finish(sig.value, order, reasons, [{"bald": float(v)} for v in sig.value], limit)
     return _rank_bias(inputs, config, p, labels, w, limit, top_k)
 
 

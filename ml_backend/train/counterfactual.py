@@ -19,7 +19,7 @@ this for brush masks, hence this module. Rows stay the same in number, so a step
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -47,8 +47,17 @@ class ArtefactBank:
         return self.images.shape[0]
 
 
-def _shifted(x: torch.Tensor, shifts: list[list[int]]) -> torch.Tensor:
-    return torch.stack([torch.roll(t, (dy, dx), dims=(-2, -1)) for t, (dy, dx) in zip(x, shifts, strict=True)])
+def _shifted(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Each (C, H, W) image of ``x`` rolled by its own (dy, dx) row of ``shifts``, in one gather."""
+    n, c, h, w = x.shape
+    rows = (torch.arange(h) - shifts[:, :1]) % h  # (N, H): source row of each output row
+    cols = (torch.arange(w) - shifts[:, 1:]) % w  # (N, W)
+    return x[
+        torch.arange(n)[:, None, None, None],
+        torch.arange(c)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
 
 
 def counterfactual_batch(
@@ -76,8 +85,8 @@ def counterfactual_batch(
     if len(chosen):
         source = torch.randint(0, len(bank), (len(chosen),), generator=generator).to(bank.images.device)
         limit = max(1, int(batch.images.shape[-1] * max_shift))
-        shifts = torch.randint(-limit, limit + 1, (len(chosen), 2), generator=generator).tolist()
+        shifts = torch.randint(-limit, limit + 1, (len(chosen), 2), generator=generator)
         mask = _shifted(bank.masks[source], shifts).to(device)
         artefact = _shifted(bank.images[source], shifts).to(device)
         images[chosen] = images[chosen] * (1 - mask) + artefact * mask
-    return ExampleTensors(images, batch.targets, batch.ignore, batch.has_ignore, batch.evidence, batch.has_evidence)
+    return replace(batch, images=images)
