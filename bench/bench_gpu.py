@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import timm
 import torch
+from common import interleaved, median, paired_ratio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -48,34 +48,24 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def gpu_seconds(fn: Callable[[], object], reps: int, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    sync()
-    out = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
+def synced(fn: Callable[[], object], reps: int) -> Callable[[], None]:
+    """``fn`` run ``reps`` times and waited for: one timed call of common.interleaved is one GPU round."""
+
+    def run() -> None:
+        for _ in range(reps):
+            fn()
         sync()
-        out.append(time.perf_counter() - start)
-    return out
+
+    return run
 
 
-def interleaved_ratio(a: Callable[[], object], b: Callable[[], object], rounds: int, reps: int) -> dict[str, float]:
-    """Median over rounds of (a's median / b's median), rounds alternating a and b."""
-    ratios, ta, tb = [], [], []
-    for _ in range(rounds):
-        xa = statistics.median(gpu_seconds(a, reps, warmup=1))
-        xb = statistics.median(gpu_seconds(b, reps, warmup=1))
-        ratios.append(xa / xb)
-        ta.append(xa)
-        tb.append(xb)
+def ratio(a: Callable[[], object], b: Callable[[], object], rounds: int, reps: int) -> dict[str, float]:
+    """a's time over b's, rounds interleaved (common.interleaved), median of per-round ratios."""
+    times = interleaved({"a": synced(a, reps), "b": synced(b, reps)}, rounds, warmup=1)
     return {
-        "ratio_median": round(statistics.median(ratios), 3),
-        "ratio_min": round(min(ratios), 3),
-        "ratio_max": round(max(ratios), 3),
-        "a_ms": round(1000 * statistics.median(ta), 3),
-        "b_ms": round(1000 * statistics.median(tb), 3),
+        **paired_ratio(times["a"], times["b"]),
+        "ms": round(1000 * median(times["a"]) / reps, 3),
+        "baseline_ms": round(1000 * median(times["b"]) / reps, 3),
     }
 
 
@@ -150,7 +140,7 @@ def heatmap_cost(device: torch.device, size: int, rounds: int, reps: int) -> dic
         logits, cams = explainer.logits_and_cams(x)
         return torch.sigmoid(logits), cams
 
-    return interleaved_ratio(heatmaps, plain, rounds, reps)
+    return ratio(heatmaps, plain, rounds, reps)
 
 
 def training_cost(device: torch.device, rounds: int, reps: int) -> dict[str, dict[str, float]]:
@@ -186,7 +176,7 @@ def training_cost(device: torch.device, rounds: int, reps: int) -> dict[str, dic
         "ignore_25": step(only_ignore, LossConfig(evidence_weight=0.0)),
         "ignore_25+evidence+counterfactual (fine_tune default)": step(data, LossConfig(), counterfactual=True),
     }
-    return {name: interleaved_ratio(fn, plain, rounds, reps) for name, fn in variants.items()}
+    return {name: ratio(fn, plain, rounds, reps) for name, fn in variants.items()}
 
 
 def markdown(res: dict) -> str:
@@ -216,13 +206,13 @@ def markdown(res: dict) -> str:
     ]
     for size, r in res["heatmaps"].items():
         lines.append(
-            f"| 14 heatmaps + logits, resnet18, batch 32, {size} px | plain forward | {r['ratio_median']} "
-            f"({r['ratio_min']}-{r['ratio_max']}) | {r['a_ms']} | {r['b_ms']} |"
+            f"| 14 heatmaps + logits, resnet18, batch 32, {size} px | plain forward | {r['median_of_ratios']} "
+            f"({r['min']}-{r['max']}) | {r['ms']} | {r['baseline_ms']} |"
         )
     for name, r in res["training"].items():
         lines.append(
-            f"| training step {name}, batch 16, 224 px | prediction loss only | {r['ratio_median']} "
-            f"({r['ratio_min']}-{r['ratio_max']}) | {r['a_ms']} | {r['b_ms']} |"
+            f"| training step {name}, batch 16, 224 px | prediction loss only | {r['median_of_ratios']} "
+            f"({r['min']}-{r['max']}) | {r['ms']} | {r['baseline_ms']} |"
         )
     return "\n".join(lines) + "\n"
 
