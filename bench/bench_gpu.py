@@ -111,7 +111,7 @@ def check_fine_tune(device: torch.device) -> dict[str, object]:
     data = synthetic_examples(48, 224, heatmap_grid(model, 224), device)
     before = [p.detach().clone() for p in model.parameters()]
     started = time.perf_counter()
-    history = fine_tune(model, data, TrainConfig(epochs=2, batch_size=16, loss=LossConfig()))
+    history = fine_tune(model, data, TrainConfig(epochs=2, batch_size=16, loss=LossConfig())).history
     seconds = time.perf_counter() - started
     changed = any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     finite = all(all(v == v and abs(v) != float("inf") for v in h.values()) for h in history)

@@ -11,14 +11,18 @@ Arms (the product's own trainer and losses):
 * input gradient: + RRR penalty inside the masks (m = 0.1, rescaled every step);
 * counterfactual: + counterfactual rows (train/counterfactual.py: the marked region filled from another image,
   marked regions pasted onto half the unmasked images with their labels kept), no gradient penalty;
-* both: the product's default (LossConfig()).
+* both: gradient penalty + counterfactual rows on the physicians' masks alone;
+* propagation (default): the product's default, ``both`` after mask propagation (train/mask_propagation.py: the
+  marked artefacts found in the unmasked images by a detector on the model's features). Its detection is
+  scored against the true markers: share of unmasked marked images found, share of marker-free images given
+  a mask.
 
 Primary measure: ΔP, the mean change of the Cardiomegaly probability when a tag is added to the same marker-free
 test image (paired). Also the finding's AUROC on the marker-free test fold, and a clean model (never saw a marker).
 
 Run: ``.venv/bin/python bench/bench_mechanism.py --shares 0.1 0.25 1.0`` (about 15 min per seed on 2 shared
-cores); ``--seeds 0`` for one. The paste-rate sweep: ``--shares 0.25 --arms "both (default)" --paste-rates 0.8 1.0
---name mechanism_paste_rate``.
+cores); ``--seeds 0`` for one. The paste-rate sweep: ``--shares 0.25 --arms both --paste-rates 0.8 1.0
+--name mechanism_paste_rate``; detector thresholds: ``--false-cells 0.1 2``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import argparse
 import copy
 import json
 import platform
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -40,23 +45,45 @@ sys.path.insert(0, str(ROOT))
 
 from ml_backend.measure import simulation as sim  # noqa: E402
 from ml_backend.train.losses import LossConfig  # noqa: E402
+from ml_backend.train.mask_propagation import PropagationConfig, propagate_ignore_masks  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DATA = ROOT.parent / "shared" / "data" / "nih1000"
 OFF = LossConfig(prediction="wbce", ignore_weight=0.0, evidence_weight=0.0, counterfactuals=False)
-ARMS = {
-    "labels only": OFF,
-    "input gradient": replace(OFF, ignore_weight=0.1),
-    "counterfactual": replace(OFF, counterfactuals=True),
-    "both (default)": LossConfig(evidence_weight=0.0),
+DEFAULT = LossConfig(evidence_weight=0.0)  # no evidence masks in this scenario
+# name -> (loss, mask propagation or None)
+ARMS: dict[str, tuple[LossConfig, PropagationConfig | None]] = {
+    "labels only": (OFF, None),
+    "input gradient": (replace(OFF, ignore_weight=0.1), None),
+    "counterfactual": (replace(OFF, counterfactuals=True), None),
+    "both": (DEFAULT, None),
+    "propagation (default)": (DEFAULT, PropagationConfig()),
 }
 
 
-def arms(args: argparse.Namespace) -> dict[str, LossConfig]:
-    chosen = {name: loss for name, loss in ARMS.items() if name == "labels only" or name in args.arms}
-    for rate in args.paste_rates:  # the default's counterfactual rows with another share of pasted artefacts
-        chosen[f"both, paste rate {rate:g}"] = replace(ARMS["both (default)"], artefact_paste_rate=rate)
+def arms(args: argparse.Namespace) -> dict[str, tuple[LossConfig, PropagationConfig | None]]:
+    chosen = {name: arm for name, arm in ARMS.items() if name == "labels only" or name in args.arms}
+    for rate in args.paste_rates:  # counterfactual rows with another share of pasted artefacts
+        chosen[f"both, paste rate {rate:g}"] = (replace(DEFAULT, artefact_paste_rate=rate), None)
+    for rate in args.false_cells:  # the default with another detector threshold
+        chosen[f"propagation, false cells {rate:g}"] = (DEFAULT, PropagationConfig(false_cells_per_image=rate))
     return chosen
+
+
+def detection(model, tensors, config: PropagationConfig, markers: list, chosen: set[int], seed: int) -> dict:
+    """Mask propagation scored against the true markers (the same call fine_tune makes, so the same masks)."""
+    found, report = propagate_ignore_masks(model, tensors, config, seed=seed)
+    hits = [
+        bool(found.has_ignore[i]) and float((found.ignore[i, 0].numpy() > 0)[m].mean()) >= 0.5
+        for i, m in enumerate(markers)
+        if m is not None and i not in chosen
+    ]
+    clean = [bool(found.has_ignore[i]) for i, m in enumerate(markers) if m is None]
+    return {
+        "marked_found": float(np.mean(hits)) if hits else None,
+        "clean_masked": float(np.mean(clean)) if clean else None,
+        "threshold": report.threshold,
+    }
 
 
 def run_seed(seed: int, data: sim.LabelledImages, args: argparse.Namespace) -> dict:
@@ -74,7 +101,7 @@ def run_seed(seed: int, data: sim.LabelledImages, args: argparse.Namespace) -> d
         return {"delta_p": r["delta_p"], "auroc": r["shortcut_auroc"]}
 
     def scratch(pixels: np.ndarray) -> torch.nn.Module:
-        model = sim.new_model(spec, len(data.findings), seed)
+        model = sim.new_model(spec, len(data.findings), seed).to(args.device)
         sim.train(model, sim.make_tensors(model, spec, pixels, train.labels), replace(spec.scratch, loss=OFF), seed)
         return model
 
@@ -85,16 +112,24 @@ def run_seed(seed: int, data: sim.LabelledImages, args: argparse.Namespace) -> d
         rng = np.random.default_rng(10_000 + seed)
         chosen = set(rng.choice(marked, size=max(1, round(len(marked) * share)), replace=False).tolist())
         ignore = [markers[i] if i in chosen else None for i in range(len(images))]
-        for name, loss in arms(args).items():
+        for name, (loss, propagation) in arms(args).items():
             if name == "labels only" and share != args.shares[0]:
                 out["arms"][f"{name} @ {share:.0%}"] = out["arms"][f"{name} @ {args.shares[0]:.0%}"]
                 continue
             t0 = time.time()
             model = copy.deepcopy(biased)
             tensors = sim.make_tensors(model, spec, images, train.labels, ignore=ignore)
-            sim.train(model, tensors, replace(spec.finetune, loss=loss, epochs=args.epochs), seed)
-            out["arms"][f"{name} @ {share:.0%}"] = {**measure(model), "seconds": time.time() - t0, "masks": len(chosen)}
+            found = detection(model, tensors, propagation, markers, chosen, seed) if propagation else {}
+            config = replace(spec.finetune, loss=loss, epochs=args.epochs, propagation=propagation)
+            sim.train(model, tensors, config, seed)
+            out["arms"][f"{name} @ {share:.0%}"] = {
+                **measure(model),
+                **found,
+                "seconds": time.time() - t0,
+                "masks": len(chosen),
+            }
     out["seconds"] = time.time() - started
+    out["device"] = device_name(args.device)
     print(
         f"seed {seed}: biased ΔP {out['biased']['delta_p']:.3f} clean {out['clean']['delta_p']:.3f} | "
         + " | ".join(f"{k} {v['delta_p']:.3f}" for k, v in out["arms"].items()),
@@ -108,7 +143,7 @@ def write(runs: list[dict], args: argparse.Namespace, command: str) -> None:
 
     def values(row: str, key: str) -> np.ndarray:
         pick = (lambda r: r[row]) if row in ("biased", "clean") else (lambda r: r["arms"][row])
-        return np.array([pick(r)[key] for r in runs], dtype=float)
+        return np.array([pick(r).get(key, np.nan) for r in runs], dtype=float)
 
     table = {
         row: {
@@ -117,28 +152,32 @@ def write(runs: list[dict], args: argparse.Namespace, command: str) -> None:
                 "sd": float(values(row, key).std(ddof=1)) if len(runs) > 1 else None,
                 "per_seed": values(row, key).round(4).tolist(),
             }
-            for key in ("delta_p", "auroc")
+            for key in ("delta_p", "auroc", "marked_found", "clean_masked")
         }
         for row in rows
     }
     summary = {
-        "command": command,
+        "command": runs[0].get("command", command),  # how the first seed was measured, not a re-render
         "seeds": [r["seed"] for r in runs],
         "epochs": args.epochs,
         "kinds": args.kinds,
         "table": table,
         "seconds_per_seed": float(np.mean([r["seconds"] for r in runs])),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "devices": sorted({r.get("device", "unrecorded") for r in runs}),
+        "date": max(r.get("date", "") for r in runs) or time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "runs": runs,
     }
     (RESULTS / f"{args.name}.json").write_text(json.dumps(summary, indent=1))
 
     def fmt(cell: dict) -> str:
+        if cell["mean"] != cell["mean"]:  # nan: not measured for this row
+            return ""
         return f"{cell['mean']:.3f}" + (f" ± {cell['sd']:.3f}" if cell["sd"] is not None else "")
 
     lines = [
         "# Mechanism: which ignore-mask term removes a learnt shortcut (`bench/bench_mechanism.py`)",
         "",
-        f"- Date: {summary['date']}; CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}",
+        f"- Date: {summary['date']}; {'; '.join(summary['devices'])}",
         f"- Seeds {summary['seeds']} (each: its own test fold, marker draw and initialisation); {args.epochs} "
         f"fine-tuning epochs from the biased model; artefact kinds {args.kinds}; "
         f"{summary['seconds_per_seed']:.0f} s per seed.",
@@ -146,12 +185,19 @@ def write(runs: list[dict], args: argparse.Namespace, command: str) -> None:
         "",
         "ΔP = mean change of the Cardiomegaly probability when the artefact is added to the same marker-free test "
         "image (0 = no dependence). AUROC on the marker-free test fold. Mean ± sd over seeds; per-seed values in "
-        f"{args.name}.json. `@ 25%` = ignore masks on a quarter of the marked training images.",
+        f"{args.name}.json. `@ 25%` = ignore masks on a quarter of the marked training images. Mask propagation: "
+        "`found` = share of the unmasked marked images given a mask covering half the marker or more, `clean "
+        "masked` = share of marker-free training images given a mask.",
         "",
-        "| model | ΔP | Cardiomegaly AUROC |",
-        "|---|---|---|",
+        "| model | ΔP | Cardiomegaly AUROC | found | clean masked |",
+        "|---|---|---|---|---|",
     ]
-    lines += [f"| {row} | {fmt(table[row]['delta_p'])} | {fmt(table[row]['auroc'])} |" for row in rows]
+    lines += [
+        f"| {row} | "
+        + " | ".join(fmt(table[row][key]) for key in ("delta_p", "auroc", "marked_found", "clean_masked"))
+        + " |"
+        for row in rows
+    ]
     base = table[f"labels only @ {args.shares[0]:.0%}"]["delta_p"]["mean"]
     lines += ["", "ΔP relative to labels-only fine-tuning (mean over seeds):", ""]
     lines += [
@@ -163,6 +209,37 @@ def write(runs: list[dict], args: argparse.Namespace, command: str) -> None:
     print("\n".join(lines))
 
 
+def earlier_runs(path: Path) -> list[dict]:
+    """The per-seed runs of an earlier results file (``--resume``); files written before the runs were kept
+    are rebuilt from their per-seed table columns."""
+    if not path.exists():
+        return []
+    summary = json.loads(path.read_text())
+    if "runs" in summary:
+        return summary["runs"]
+    runs = []
+    for j, seed in enumerate(summary["seeds"]):
+        run: dict = {"seed": seed, "seconds": summary["seconds_per_seed"], "arms": {}}
+        run.update(command=summary["command"], date=summary["date"])
+        run.update({k: summary[k] for k in ("device",) if k in summary})
+        for row, cells in summary["table"].items():
+            values = {key: cell["per_seed"][j] for key, cell in cells.items()}
+            values = {key: value for key, value in values.items() if value == value}  # drop nan
+            if row in ("biased", "clean"):
+                run[row] = values
+            else:
+                run["arms"][row] = values
+        runs.append(run)
+    return runs
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"GPU: {torch.cuda.get_device_name(torch.device(device))} (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU: {cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -171,13 +248,25 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["tag"])
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="labels only always runs")
     parser.add_argument("--paste-rates", type=float, nargs="*", default=[], help="extra ARTEFACT_PASTE_RATE arms")
+    parser.add_argument("--false-cells", type=float, nargs="*", default=[], help="extra detector threshold arms")
+    parser.add_argument("--data", type=Path, default=DATA, help="the nih1000 folder")
+    parser.add_argument("--resume", action="store_true", help="keep the seeds already in the results file")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--name", default="mechanism", help="results file stem in bench/results")
     args = parser.parse_args()
-    if not DATA.exists():
-        sys.exit(f"{DATA} is absent: this benchmark needs ../shared/data/nih1000")
-    data = sim.load_manifest_folder(DATA)
-    runs = [run_seed(seed, data, args) for seed in args.seeds]
-    write(runs, args, ("python bench/bench_mechanism.py " + " ".join(sys.argv[1:])).strip())
+    if not args.data.exists():
+        sys.exit(f"{args.data} is absent: this benchmark needs ../shared/data/nih1000")
+    data = sim.load_manifest_folder(args.data)
+    command = shlex.join(["python", "bench/bench_mechanism.py", *sys.argv[1:]])
+    runs = earlier_runs(RESULTS / f"{args.name}.json") if args.resume else []
+    for seed in args.seeds:  # results rewritten after each seed: a run cut short keeps what it measured
+        if any(r["seed"] == seed for r in runs):
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        runs.append({**run_seed(seed, data, args), "command": command, "date": when})
+        write(runs, args, command)
+    if runs:
+        write(runs, args, command)
 
 
 if __name__ == "__main__":

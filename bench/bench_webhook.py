@@ -538,6 +538,7 @@ def part_round(app: AppServer, conn: Any, env: dict[str, str], n: int, epochs: i
         "holdout_images": training["holdout"],
         "masked_ignore": training["masked_ignore"],
         "masked_evidence_pairs": training["masked_evidence_pairs"],
+        "mask_propagation": training.get("mask_propagation"),
         "webhook_ack_ms": ms_stats(acks),
         "post_round_s": round(last_ack - first_sent, 3),
         "rq_jobs_enqueued": len(all_jobs),
@@ -680,6 +681,7 @@ def markdown(res: dict[str, Any]) -> list[str]:
             f"images with ignore masks, {r['masked_evidence_pairs']} evidence pairs; epochs "
             f"{', '.join(f'{x:.1f}' for x in r['epoch_seconds'])} s; meta.json training.duration_s = "
             f"{r['training_duration_s_meta']} s.",
+            f"- Mask propagation before training: {propagation_line(r.get('mask_propagation'))}.",
             f"- The job started {'before' if r['job_started_before_last_ack'] else 'after'} the last annotation "
             f"was acknowledged and snapshotted the store {'before' if r['snapshot_before_last_ack'] else 'after'} "
             "it (the job is enqueued by the first annotation of the round).",
@@ -695,6 +697,13 @@ def markdown(res: dict[str, Any]) -> list[str]:
     if res.get("notes"):
         s += ["## Notes", "", *[f"- {n}" for n in res["notes"]], ""]
     return s
+
+
+def propagation_line(report: dict[str, Any] | None) -> str:
+    if not report:
+        return "not run"
+    outcome = f"skipped ({report['skipped']})" if report["skipped"] else f"{report['propagated']} images given a mask"
+    return f"{report['seconds']:.1f} s; learnt from {report['masked_images']} masked images, {outcome}"
 
 
 def rebuild_markdown() -> None:

@@ -2,15 +2,14 @@
 
 An artefact (a text tag with varying position, size and intensity) is stamped on the training images of
 Cardiomegaly (more often for men); the test split is marker-free. A model trained on that data leans on the
-marker. Fine-tuning from it (as the product's worker does) with the ignore-mask terms (input-gradient penalty +
-counterfactual rows, train/counterfactual.py) lowers the dependence compared with fine-tuning on the same data
-without masks. Dependence is measured directly: the change in the Cardiomegaly probability when the marker is
-added to the same test image (paired, label-free).
+marker. Fine-tuning from it (as the product's worker does) with ignore masks on a tenth of the tagged images
+lowers the dependence compared with fine-tuning on the same data without masks; with mask propagation (the
+default: the detector finds the other tags, train/mask_propagation.py) it goes. Dependence is measured
+directly: the change in the Cardiomegaly probability when the marker is added to the same test image.
 
 Measured (seed 0, 8 fine-tuning epochs, this CPU): the biased model ΔP 0.36; fine-tuned on labels only 0.48;
-with the ignore-mask terms and masks on a quarter of the marked images 0.20 (-58%), on all of them 0.06 (-88%),
-with the finding's AUROC kept (0.63 / 0.66 vs 0.67). Without the counterfactual rows the input-gradient term
-alone gave 0.43 / 0.50 (bench/results/mechanism.md has seeds and spread).
+masks on 5 of the 58 tagged images: 0.18 without propagation, 0.02 with it (53 images given a mask); masks
+on all of them 0.07; the finding's AUROC 0.65 (labels only 0.67). bench/results/mechanism.md has 5 folds.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from conftest import NIH, shared_or_skip
 
 from ml_backend.measure import simulation as sim
 from ml_backend.train.losses import LossConfig
+from ml_backend.train.mask_propagation import PropagationConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
 
@@ -48,29 +48,35 @@ def test_ignore_masks_remove_the_dependence_on_a_shortcut() -> None:
 
     rng = np.random.default_rng(1)
     marked = [i for i, m in enumerate(markers) if m is not None]
-    quarter = set(rng.choice(marked, size=max(1, len(marked) // 4), replace=False).tolist())
+    tenth = set(rng.choice(marked, size=max(3, len(marked) // 10), replace=False).tolist())
     results = {}
     arms = [
-        ("labels only", no_attention, set()),
-        ("masks on 25%", LossConfig(), quarter),
-        ("masks on all", LossConfig(), set(marked)),
+        ("labels only", no_attention, None, set()),
+        ("masks on 10%, no propagation", LossConfig(), None, tenth),
+        ("masks on 10%", LossConfig(), PropagationConfig(), tenth),  # the product's default
+        ("masks on all", LossConfig(), PropagationConfig(), set(marked)),
     ]
-    for arm, loss, masked in arms:
+    for arm, loss, propagation, masked in arms:
         model = copy.deepcopy(biased)
         ignore = [markers[i] if i in masked else None for i in range(len(images))]
         tensors = sim.make_tensors(model, spec, images, train.labels, ignore=ignore)
-        sim.train(model, tensors, replace(spec.finetune, loss=loss, epochs=8), seed=0)
+        config = replace(spec.finetune, loss=loss, epochs=8, propagation=propagation)
+        run = sim.train(model, tensors, config, seed=0)
         results[arm] = sim.evaluate(model, spec, test, shortcut, thresholds, seed=1, with_bias_metrics=False)
+        results[arm]["propagation"] = run.propagation
 
     print(
         {arm: (round(r["delta_p"], 3), round(r["shortcut_auroc"], 3)) for arm, r in results.items()},
         "before",
         round(before["delta_p"], 3),
-        f"{len(quarter)} / {len(marked)} masks on {len(images)} images",
+        f"{len(tenth)} / {len(marked)} masks on {len(images)} images",
+        results["masks on 10%"]["propagation"],
     )
     labels_only = results["labels only"]["delta_p"]
-    # measured: 0.20 vs 0.48 with a quarter of the artefacts masked, 0.06 with all of them
-    assert results["masks on 25%"]["delta_p"] < 0.65 * labels_only
-    assert results["masks on all"]["delta_p"] < 0.35 * labels_only
+    # measured: 0.48 labels only; masks on a tenth of the tags 0.18 without propagation, 0.02 with it; 0.07 on all
+    assert results["masks on 10%, no propagation"]["delta_p"] < 0.75 * labels_only
+    assert results["masks on 10%"]["delta_p"] < 0.25 * labels_only
+    assert results["masks on 10%"]["propagation"].propagated >= len(marked) - len(tenth) - 5
+    assert results["masks on all"]["delta_p"] < 0.25 * labels_only
     # the finding itself is still learnt
-    assert results["masks on all"]["shortcut_auroc"] > 0.6
+    assert results["masks on 10%"]["shortcut_auroc"] > 0.6 and results["masks on all"]["shortcut_auroc"] > 0.6

@@ -89,7 +89,7 @@ def train_bootstrap(
         freeze_batchnorm=False,  # training from scratch: batch norm must learn its statistics
         seed=config.seed,
     )
-    history = fine_tune(model, train, train_config)
+    history = fine_tune(model, train, train_config).history
     probs = predict_probabilities(model, check.images)
     truth = check.targets.numpy().astype(bool)
     accuracy = {

@@ -28,6 +28,7 @@ from ml_backend.models.registry import ModelRegistry, model_from_version
 from ml_backend.models.store import VersionStore
 from ml_backend.train.examples import Example, holdout_split, tensorise
 from ml_backend.train.losses import LossConfig
+from ml_backend.train.mask_propagation import PropagationConfig
 from ml_backend.train.trainer import TrainConfig, fine_tune, heatmap_grid, predict_probabilities
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def train_config_from_env() -> TrainConfig:
         prediction=os.environ.get("PRED_LOSS", "wbce"),
         ignore_weight=float(os.environ.get("IGNORE_LOSS_WEIGHT", "0.1")),
         evidence_weight=float(os.environ.get("EVIDENCE_LOSS_WEIGHT", "0.1")),
-        counterfactuals=os.environ.get("COUNTERFACTUALS", "1").lower() not in ("0", "false", "no", "off"),
+        counterfactuals=_on(os.environ.get("COUNTERFACTUALS", "1")),
         artefact_paste_rate=float(os.environ.get("ARTEFACT_PASTE_RATE", "0.5")),
     )
     return TrainConfig(
@@ -46,7 +47,12 @@ def train_config_from_env() -> TrainConfig:
         batch_size=int(os.environ.get("TRAIN_BATCH_SIZE", "16")),
         lr=float(os.environ.get("TRAIN_LR", "3e-4")),
         loss=loss,
+        propagation=PropagationConfig() if _on(os.environ.get("MASK_PROPAGATION", "1")) else None,
     )
+
+
+def _on(value: str) -> bool:
+    return value.lower() not in ("0", "false", "no", "off")
 
 
 def _progress(**meta: Any) -> None:
@@ -226,7 +232,7 @@ def _train_snapshot(
     config = train_config_from_env()
     config = replace(config, seed=generation)
     _progress(stage="training", epoch=0, epochs=config.epochs, train=len(train_idx), holdout=len(holdout_idx))
-    history = fine_tune(model, train_data, config, progress=lambda m: _progress(**m))
+    run = fine_tune(model, train_data, config, progress=lambda m: _progress(**m))
 
     metrics: dict[str, Any] | None = None
     thresholds = parent.meta.get("thresholds")
@@ -254,7 +260,8 @@ def _train_snapshot(
             "skipped": skipped,
             "masked_ignore": int(train_data.has_ignore.sum()),
             "masked_evidence_pairs": int(train_data.has_evidence.sum()),
-            "history": history,
+            "history": run.history,
+            "mask_propagation": run.propagation.to_json() if run.propagation else None,
             "config": config.to_json(),
             "duration_s": round(time.time() - started, 2),
             "reconcile": reconcile_summary,

@@ -24,6 +24,7 @@ from ml_backend.train.losses import (
     prediction_loss,
     relative,
 )
+from ml_backend.train.mask_propagation import PropagationConfig, PropagationReport, propagate_ignore_masks
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,18 @@ class TrainConfig:
     freeze_batchnorm: bool = True  # small fine-tuning batches would wreck the running statistics
     seed: int = 0
     loss: LossConfig = field(default_factory=LossConfig)
+    # Find the physician-marked artefacts in the unmasked images before training (mask_propagation.py);
+    # None = train on the physicians' masks alone.
+    propagation: PropagationConfig | None = field(default_factory=PropagationConfig)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class TrainingRun:
+    history: list[dict[str, float]]  # one entry per epoch
+    propagation: PropagationReport | None = None  # None when no ignore mask reached the training set
 
 
 def heatmap_grid(model: nn.Module, input_size: int) -> tuple[int, int]:
@@ -120,8 +130,8 @@ def fine_tune(
     data: ExampleTensors,
     config: TrainConfig,
     progress: Progress | None = None,
-) -> list[dict[str, float]]:
-    """Train ``model`` in place; returns the loss curve (one entry per epoch)."""
+) -> TrainingRun:
+    """Train ``model`` in place; returns the loss curve and what mask propagation found."""
     if len(data) == 0:
         raise ValueError("empty training set")
     torch.manual_seed(config.seed)
@@ -132,7 +142,13 @@ def fine_tune(
     history: list[dict[str, float]] = []
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     generator = torch.Generator().manual_seed(config.seed)
+    # The bank holds what physicians painted only: propagated masks are the detector's guesses.
     bank = ArtefactBank.from_examples(data) if config.loss.counterfactuals else None
+    propagation: PropagationReport | None = None
+    if config.propagation is not None and bool(data.has_ignore.any()):
+        if progress:
+            progress({"stage": "mask propagation"})
+        data, propagation = propagate_ignore_masks(model, data, config.propagation, seed=config.seed)
     for epoch in range(config.epochs):
         _set_train_mode(model, config.freeze_batchnorm)
         started = time.perf_counter()
@@ -171,7 +187,7 @@ def fine_tune(
         if progress:
             progress({"stage": "training", "epoch": epoch + 1, "epochs": config.epochs, "loss": record.get("total")})
     model.eval()
-    return history
+    return TrainingRun(history, propagation)
 
 
 @torch.no_grad()

@@ -1,0 +1,106 @@
+"""Mask propagation: the artefact physicians masked on a few images is found on the images they did not mask.
+
+Real NIH chest X-rays with a text tag (varying corner, size, intensity) stamped on most Cardiomegaly images; a
+model trained briefly on them leans on the tag, as the live model of a biased project does. Physicians mask 8
+of the tags; the detector must find the others and leave tag-free images alone (the ground truth is known).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from conftest import NIH, shared_or_skip
+
+from ml_backend.measure import simulation as sim
+from ml_backend.train.losses import LossConfig
+from ml_backend.train.mask_propagation import PropagationConfig, propagate_ignore_masks
+from ml_backend.train.trainer import TrainConfig, fine_tune
+
+pytestmark = pytest.mark.shared_data
+
+OFF = LossConfig(prediction="wbce", ignore_weight=0.0, evidence_weight=0.0, counterfactuals=False)
+PHYSICIAN_MASKS = 8
+
+
+@pytest.fixture(scope="module")
+def tagged() -> dict:
+    data = sim.load_manifest_folder(shared_or_skip(NIH))
+    images, markers = sim.inject_shortcut(data, sim.Shortcut(kinds=("tag",)), np.random.default_rng(0))
+    spec = sim.ModelSpec()
+    model = sim.new_model(spec, len(data.findings), seed=0)
+    sim.train(model, sim.make_tensors(model, spec, images, data.labels), replace(spec.scratch, epochs=3, loss=OFF), 0)
+    marked = [i for i, m in enumerate(markers) if m is not None]
+    chosen = set(marked[:PHYSICIAN_MASKS])
+    ignore = [markers[i] if i in chosen else None for i in range(len(images))]
+    tensors = sim.make_tensors(model, spec, images, data.labels, ignore=ignore)
+    return {"model": model, "tensors": tensors, "markers": markers, "chosen": chosen, "spec": spec}
+
+
+def test_the_marked_artefact_is_found_on_the_unmasked_images(tagged: dict) -> None:
+    markers, chosen, tensors = tagged["markers"], tagged["chosen"], tagged["tensors"]
+    out, report = propagate_ignore_masks(tagged["model"], tensors)
+    assert report.masked_images == PHYSICIAN_MASKS and not report.skipped
+    assert report.threshold is not None and report.threshold >= 0.5
+
+    found, clean = found_and_clean(out, markers, chosen)
+    print(report.to_json(), f"found {found:.2f}, clean masked {clean:.3f}")
+    # measured: every one of the ~70 unmasked tags found, fully covered; 2-7% of tag-free images get a mask
+    # (small ones: NIH films carry real text markers of their own)
+    assert found >= 0.8
+    assert clean <= 0.12
+    # a propagated mask is small: the tag and a cell around it, not the film
+    areas = out.ignore[out.has_ignore & ~tensors.has_ignore].mean(dim=(1, 2, 3))
+    assert float(areas.max()) <= 0.15
+    # the physicians' own masks are untouched
+    for i in chosen:
+        assert torch.equal(out.ignore[i], tensors.ignore[i])
+
+
+def found_and_clean(out, markers: list, chosen: set[int]) -> tuple[float, float]:
+    """Share of the unmasked tags covered at least half, share of tag-free images given a mask."""
+    covered = [
+        float((out.ignore[i, 0].numpy() > 0)[m].mean()) if out.has_ignore[i] else 0.0
+        for i, m in enumerate(markers)
+        if m is not None and i not in chosen
+    ]
+    clean = [bool(out.has_ignore[i]) for i, m in enumerate(markers) if m is None]
+    return float(np.mean(np.array(covered) >= 0.5)), float(np.mean(clean))
+
+
+def test_too_few_masks_propagate_nothing(tagged: dict) -> None:
+    tensors = tagged["tensors"]
+    few, report = propagate_ignore_masks(tagged["model"], tensors, PropagationConfig(min_masked_images=9))
+    assert few is tensors and report.propagated == 0 and "8 masked images" in report.skipped
+
+
+def test_an_untrained_model_declines_or_finds_real_tags(tagged: dict) -> None:
+    """Random-init features: the detector either declines (held-out recall too low) or what it masks is
+    mostly the tags. Measured on seeds 0-3: declined twice; otherwise 69-82% of tags found, 3-4% clean masked."""
+    tensors, declined = tagged["tensors"], 0
+    for seed in range(4):
+        untrained = sim.new_model(tagged["spec"], tensors.targets.shape[1], seed=seed)
+        out, report = propagate_ignore_masks(untrained, tensors)
+        if report.skipped:
+            assert "held-out" in report.skipped and out is tensors and report.propagated == 0
+            declined += 1
+            continue
+        found, clean = found_and_clean(out, tagged["markers"], tagged["chosen"])
+        assert found >= 0.5 and clean <= 0.08, (seed, found, clean)
+    assert declined >= 1
+
+
+def test_fine_tune_propagates_before_training_and_reports_it(tagged: dict) -> None:
+    small = tagged["tensors"].subset(torch.arange(300))
+    physician = int(small.has_ignore.sum())
+    model = sim.new_model(tagged["spec"], small.targets.shape[1], seed=0)
+    model.load_state_dict(tagged["model"].state_dict())
+    run = fine_tune(model, small, TrainConfig(epochs=1, batch_size=32))
+    assert run.propagation is not None and run.propagation.masked_images == physician
+    assert run.propagation.searched == len(small) - physician and run.propagation.propagated > 0
+    assert len(run.history) == 1
+
+    off = fine_tune(model, small, TrainConfig(epochs=1, batch_size=32, propagation=None))
+    assert off.propagation is None
