@@ -73,17 +73,7 @@ def arms(args: argparse.Namespace) -> dict[str, tuple[LossConfig, PropagationCon
 def detection(model, tensors, config: PropagationConfig, markers: list, chosen: set[int], seed: int) -> dict:
     """Mask propagation scored against the true markers (the same call fine_tune makes, so the same masks)."""
     found, report = propagate_ignore_masks(model, tensors, config, seed=seed)
-    hits = [
-        bool(found.has_ignore[i]) and float((found.ignore[i, 0].numpy() > 0)[m].mean()) >= 0.5
-        for i, m in enumerate(markers)
-        if m is not None and i not in chosen
-    ]
-    clean = [bool(found.has_ignore[i]) for i, m in enumerate(markers) if m is None]
-    return {
-        "marked_found": float(np.mean(hits)) if hits else None,
-        "clean_masked": float(np.mean(clean)) if clean else None,
-        "threshold": report.threshold,
-    }
+    return {**sim.score_propagation(found, markers, chosen), "threshold": report.threshold}
 
 
 def run_seed(seed: int, data: sim.LabelledImages, args: argparse.Namespace) -> dict:
@@ -210,27 +200,8 @@ def write(runs: list[dict], args: argparse.Namespace, command: str) -> None:
 
 
 def earlier_runs(path: Path) -> list[dict]:
-    """The per-seed runs of an earlier results file (``--resume``); files written before the runs were kept
-    are rebuilt from their per-seed table columns."""
-    if not path.exists():
-        return []
-    summary = json.loads(path.read_text())
-    if "runs" in summary:
-        return summary["runs"]
-    runs = []
-    for j, seed in enumerate(summary["seeds"]):
-        run: dict = {"seed": seed, "seconds": summary["seconds_per_seed"], "arms": {}}
-        run.update(command=summary["command"], date=summary["date"])
-        run.update({k: summary[k] for k in ("device",) if k in summary})
-        for row, cells in summary["table"].items():
-            values = {key: cell["per_seed"][j] for key, cell in cells.items()}
-            values = {key: value for key, value in values.items() if value == value}  # drop nan
-            if row in ("biased", "clean"):
-                run[row] = values
-            else:
-                run["arms"][row] = values
-        runs.append(run)
-    return runs
+    """The per-seed runs of an earlier results file (``--resume``)."""
+    return json.loads(path.read_text()).get("runs", []) if path.exists() else []
 
 
 def device_name(device: str) -> str:
@@ -259,13 +230,12 @@ def main() -> None:
     data = sim.load_manifest_folder(args.data)
     command = shlex.join(["python", "bench/bench_mechanism.py", *sys.argv[1:]])
     runs = earlier_runs(RESULTS / f"{args.name}.json") if args.resume else []
-    for seed in args.seeds:  # results rewritten after each seed: a run cut short keeps what it measured
-        if any(r["seed"] == seed for r in runs):
-            continue
+    done = {r["seed"] for r in runs}
+    for seed in [s for s in args.seeds if s not in done]:
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         runs.append({**run_seed(seed, data, args), "command": command, "date": when})
-        write(runs, args, command)
-    if runs:
+        write(runs, args, command)  # after each seed: a run cut short keeps what it measured
+    if runs and set(args.seeds) <= done:  # nothing new: re-render the tables from the stored runs
         write(runs, args, command)
 
 

@@ -45,7 +45,8 @@ def test_the_marked_artefact_is_found_on_the_unmasked_images(tagged: dict) -> No
     assert report.masked_images == PHYSICIAN_MASKS and not report.skipped
     assert report.threshold is not None and report.threshold >= 0.5
 
-    found, clean = found_and_clean(out, markers, chosen)
+    score = sim.score_propagation(out, markers, chosen)
+    found, clean = score["marked_found"], score["clean_masked"]
     print(report.to_json(), f"found {found:.2f}, clean masked {clean:.3f}")
     # measured: every one of the ~70 unmasked tags found, fully covered; 2-7% of tag-free images get a mask
     # (small ones: NIH films carry real text markers of their own)
@@ -59,21 +60,16 @@ def test_the_marked_artefact_is_found_on_the_unmasked_images(tagged: dict) -> No
         assert torch.equal(out.ignore[i], tensors.ignore[i])
 
 
-def found_and_clean(out, markers: list, chosen: set[int]) -> tuple[float, float]:
-    """Share of the unmasked tags covered at least half, share of tag-free images given a mask."""
-    covered = [
-        float((out.ignore[i, 0].numpy() > 0)[m].mean()) if out.has_ignore[i] else 0.0
-        for i, m in enumerate(markers)
-        if m is not None and i not in chosen
-    ]
-    clean = [bool(out.has_ignore[i]) for i, m in enumerate(markers) if m is None]
-    return float(np.mean(np.array(covered) >= 0.5)), float(np.mean(clean))
-
-
 def test_too_few_masks_propagate_nothing(tagged: dict) -> None:
     tensors = tagged["tensors"]
     few, report = propagate_ignore_masks(tagged["model"], tensors, PropagationConfig(min_masked_images=9))
     assert few is tensors and report.propagated == 0 and "8 masked images" in report.skipped
+
+
+def test_a_backbone_without_feature_stages_is_skipped_not_crashed(tagged: dict) -> None:
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    out, report = propagate_ignore_masks(plain, tagged["tensors"])
+    assert out is tagged["tensors"] and report.propagated == 0 and "forward_intermediates" in report.skipped
 
 
 def test_an_untrained_model_declines_or_finds_real_tags(tagged: dict) -> None:
@@ -87,7 +83,8 @@ def test_an_untrained_model_declines_or_finds_real_tags(tagged: dict) -> None:
             assert "held-out" in report.skipped and out is tensors and report.propagated == 0
             declined += 1
             continue
-        found, clean = found_and_clean(out, tagged["markers"], tagged["chosen"])
+        score = sim.score_propagation(out, tagged["markers"], tagged["chosen"])
+        found, clean = score["marked_found"], score["clean_masked"]
         assert found >= 0.5 and clean <= 0.08, (seed, found, clean)
     assert declined >= 1
 

@@ -22,7 +22,7 @@ from PIL import Image
 from ml_backend.measure.metrics import age_bins, choose_thresholds, evaluate_version, polygon_mask
 from ml_backend.measure.shortcut import MARKER_KINDS, shortcut_dependence, stamp_marker
 from ml_backend.models.classifier import build_classifier, normalisation, to_input_tensor
-from ml_backend.train.examples import Example, tensorise
+from ml_backend.train.examples import Example, ExampleTensors, tensorise
 from ml_backend.train.trainer import TrainConfig, TrainingRun, fine_tune, heatmap_grid, predict_probabilities
 
 DEFAULT_FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Effusion", "Infiltration", "Pneumothorax")
@@ -120,6 +120,23 @@ def inject_shortcut(
             kind = shortcut.kinds[int(rng.integers(len(shortcut.kinds)))]
             images[i], masks[i] = stamp_marker(images[i], rng, kind=kind)
     return images, masks
+
+
+def score_propagation(
+    found: ExampleTensors, markers: Sequence[np.ndarray | None], physician_masked: set[int]
+) -> dict[str, float | None]:
+    """Mask propagation against the true markers: ``marked_found`` = share of the marked images nobody masked
+    that got a mask covering at least half their marker; ``clean_masked`` = share of marker-free images masked."""
+    hits = [
+        bool(found.has_ignore[i]) and float((found.ignore[i, 0].numpy() > 0)[m].mean()) >= 0.5
+        for i, m in enumerate(markers)
+        if m is not None and i not in physician_masked
+    ]
+    clean = [bool(found.has_ignore[i]) for i, m in enumerate(markers) if m is None]
+    return {
+        "marked_found": float(np.mean(hits)) if hits else None,
+        "clean_masked": float(np.mean(clean)) if clean else None,
+    }
 
 
 @dataclass(frozen=True)

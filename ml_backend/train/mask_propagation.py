@@ -70,13 +70,12 @@ class PropagationReport:
 
 
 def _stages(model: nn.Module, input_size: int) -> list[int]:
-    """Indices of the feature stages of stride 4 to 16: fine enough for a small tag, deep enough to know it."""
+    """Indices of the feature stages of stride 4 to 16: fine enough for a small tag, deep enough to know it.
+    Empty for a model without timm's ``feature_info`` / ``forward_intermediates``."""
     info = getattr(model, "feature_info", None)
-    reductions = [f["reduction"] for f in info] if info is not None else []
-    chosen = [i for i, r in enumerate(reductions) if 4 <= r <= 16 and input_size // r >= 2]
-    if not chosen:
-        raise ValueError("mask propagation needs a timm model with feature_info and stride-4..16 stages")
-    return chosen
+    if info is None or not hasattr(model, "forward_intermediates"):
+        return []
+    return [i for i, f in enumerate(info) if 4 <= f["reduction"] <= 16 and input_size // f["reduction"] >= 2]
 
 
 @torch.no_grad()
@@ -86,6 +85,8 @@ def hypercolumns(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -
     model.eval()
     device = next(model.parameters()).device
     stages = _stages(model, images.shape[-1])
+    if not stages:
+        raise ValueError("hypercolumns need a timm model with forward_intermediates and stride-4..16 stages")
     out = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(device)
@@ -97,9 +98,20 @@ def hypercolumns(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -
     return torch.cat(out)
 
 
-def _cell_targets(ignore: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(N, h, w) share of each cell under the pixel mask."""
-    return F.adaptive_avg_pool2d(ignore, grid)[:, 0]
+# Connectivity within each image of an (N, h, w) stack, never across images: ndimage's default 2-D cross.
+_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def _artefact_cells(prob: np.ndarray, threshold: float, config: PropagationConfig) -> np.ndarray:
+    """(N, h, w) bool: per image, the components over ``threshold`` of at least ``min_cells`` cells, with one
+    cell of margin (the artefact's edge straddles cells); empty where they would cover over ``max_area``."""
+    components, _ = ndimage.label(prob > threshold, structure=_IN_PLANE)
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    keep = sizes[components] >= config.min_cells
+    keep[keep.mean(axis=(1, 2)) > config.max_area] = False
+    return ndimage.binary_dilation(keep, structure=_IN_PLANE)
 
 
 def _fit(features: np.ndarray, labels: np.ndarray) -> object:
@@ -132,23 +144,29 @@ def _propagate(
         report.skipped = "every image is masked"
         return data, report
 
-    feats = hypercolumns(model, data.images[masked], config.batch_size)  # (M, C, h, w)
-    grid = tuple(feats.shape[-2:])
-    share = _cell_targets(data.ignore[masked], grid)  # (M, h, w)
+    size = data.images.shape[-1]
+    if not _stages(model, size):
+        report.skipped = "the backbone has no timm forward_intermediates with stride-4..16 stages"
+        return data, report
+
     rng = np.random.default_rng(seed)
     rows, labels, groups = [], [], []
-    for j in range(len(masked)):
-        cells = feats[j].flatten(1).T.numpy()  # (h*w, C)
-        s = share[j].flatten().numpy()
-        positive = np.flatnonzero(s >= 0.5)
-        # Cells next to the mask see the artefact through their receptive field: neither label is sure.
-        near = ndimage.binary_dilation(share[j].numpy() > 0, iterations=config.margin_cells).flatten()
-        negative = np.flatnonzero(~near)
-        negative = rng.choice(negative, size=min(len(negative), config.negatives_per_image), replace=False)
-        for index, label in ((positive, 1), (negative, 0)):
-            rows.append(cells[index])
-            labels.append(np.full(len(index), label))
-            groups.append(np.full(len(index), j))
+    for start in range(0, len(masked), config.batch_size):  # batch by batch: hypercolumns are large at 224 px
+        index = masked[start : start + config.batch_size]
+        feats = hypercolumns(model, data.images[index], config.batch_size)  # (B, C, h, w)
+        grid = tuple(feats.shape[-2:])
+        share = F.adaptive_avg_pool2d(data.ignore[index], grid)[:, 0].numpy()  # share of each cell masked
+        for j in range(len(index)):
+            cells = feats[j].flatten(1).T.numpy()  # (h*w, C)
+            positive = np.flatnonzero(share[j].ravel() >= 0.5)
+            # Cells next to the mask see the artefact through their receptive field: neither label is sure.
+            near = ndimage.binary_dilation(share[j] > 0, iterations=config.margin_cells).ravel()
+            negative = np.flatnonzero(~near)
+            negative = rng.choice(negative, size=min(len(negative), config.negatives_per_image), replace=False)
+            for cell_index, label in ((positive, 1), (negative, 0)):
+                rows.append(cells[cell_index])
+                labels.append(np.full(len(cell_index), label))
+                groups.append(np.full(len(cell_index), start + j))
     x, y, g = np.concatenate(rows), np.concatenate(labels), np.concatenate(groups)
     if y.sum() == 0:
         report.skipped = "masks smaller than a feature cell"
@@ -163,8 +181,7 @@ def _propagate(
             heldout[test_rows] = 0.0
             continue
         heldout[test_rows] = _fit(x[fit_rows], y[fit_rows]).predict_proba(x[test_rows])[:, 1]
-    cells = grid[0] * grid[1]
-    quantile = 1.0 - config.false_cells_per_image / cells
+    quantile = 1.0 - config.false_cells_per_image / (grid[0] * grid[1])
     threshold = float(max(config.min_threshold, np.quantile(heldout[y == 0], quantile)))
     report.threshold = threshold
     report.heldout_recall = float((heldout[y == 1] > threshold).mean())
@@ -175,24 +192,16 @@ def _propagate(
 
     ignore = data.ignore.clone()
     has_ignore = data.has_ignore.clone()
-    size = data.images.shape[-1]
     for start in range(0, len(unmasked), config.batch_size):
         index = unmasked[start : start + config.batch_size]
         f = hypercolumns(model, data.images[index], config.batch_size)
         n, c, h, w = f.shape
         prob = detector.predict_proba(f.permute(0, 2, 3, 1).reshape(-1, c).numpy())[:, 1].reshape(n, h, w)
-        for i, p in zip(index.tolist(), prob, strict=True):
-            components, count = ndimage.label(p > threshold)
-            keep = np.zeros((h, w), dtype=bool)
-            for label in range(1, count + 1):
-                component = components == label
-                if component.sum() >= config.min_cells:
-                    keep |= component
-            if not keep.any() or keep.mean() > config.max_area:
-                continue
-            keep = ndimage.binary_dilation(keep)  # one cell of margin: the artefact's edge straddles cells
-            pixels = F.interpolate(torch.from_numpy(keep.astype(np.float32))[None, None], size=(size, size))
-            ignore[i] = pixels[0]
-            has_ignore[i] = True
-            report.propagated += 1
+        cells = _artefact_cells(prob, threshold, config)
+        found = cells.any(axis=(1, 2))
+        if found.any():
+            pixels = torch.from_numpy(cells[found].astype(np.float32))[:, None]
+            ignore[index[found]] = F.interpolate(pixels, size=(size, size))
+            has_ignore[index[found]] = True
+            report.propagated += int(found.sum())
     return replace(data, ignore=ignore, has_ignore=has_ignore), report
