@@ -45,8 +45,35 @@ class Settings:
     threshold: float = 0.5
     max_image_pixels: int = 64_000_000
     max_image_bytes: int = 64 * 1024 * 1024
-    fetch_timeout_s: float = 20.0
+    fetch_timeout_s: float = 20.0  # per image fetch in total (redirects, a trickling host included)
     predict_batch_size: int = 8
+    # Image sources (ml_backend/io/image_sources.py): besides LABEL_STUDIO_URL, hosts (names, IPs, CIDRs, "*" for
+    # any public host) fetched from, and folders local paths may name (none: local reads off).
+    image_allow_hosts: tuple[str, ...] = ()
+    image_roots: tuple[Path, ...] = ()
+    # Bounded /predict: Label Studio gives it 100 s for all tasks; one slow host or client must not hold others.
+    predict_deadline_s: float = 80.0
+    predict_max_pixels: int = 256_000_000  # decoded pixels per request (4 images of MAX_IMAGE_PIXELS)
+    fetch_per_request: int = 8  # in-flight image fetches of one request
+    fetch_per_host: int = 8  # in-flight image fetches to one host, all requests together
+    # Resource caps for callers the backend cannot trust (see README "Security"): request bodies, projects, disk.
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_projects: int = 100
+    max_model_dir_bytes: int = 20 * 1024**3
+    # Serving and jobs (ml_backend/feedback/queue.py): where `serve` listens, how jobs survive a dead worker.
+    host: str = "127.0.0.1"  # loopback unless HOST says otherwise (the container sets 0.0.0.0)
+    embedded_workers: int = 1  # workers `serve` starts beside the embedded Redis
+    log_level: str = "INFO"
+    training_lock_ttl_s: float = 60.0  # a SIGKILLed job frees its project after this long
+    job_timeout_s: int = 6 * 3600
+    job_retries: int = 3  # a job whose work-horse or worker died runs again (a version is saved atomically)
+    job_retry_intervals_s: tuple[int, ...] = (10, 60, 300)
+    worker_heartbeat_s: int = 10  # rq job-monitoring interval: how often a busy worker proves it lives
+    worker_maintenance_s: int = 60  # how often an idle worker requeues orphaned jobs and cleans registries
+    # Any label config (ml_backend/io/label_config.py): region labels read as "never look here" besides those named
+    # like markers/tubes/text ('|'-separated: label names may contain commas), and task data fields of the patient.
+    ignore_labels: tuple[str, ...] = ()
+    patient_fields: dict[str, str] = field(default_factory=dict)  # attribute -> task data field, e.g. sex=Gender
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -73,4 +100,30 @@ class Settings:
             max_image_bytes=_env_int("MAX_IMAGE_BYTES", 64 * 1024 * 1024),
             fetch_timeout_s=_env_float("FETCH_TIMEOUT_S", 20.0),
             predict_batch_size=_env_int("PREDICT_BATCH_SIZE", 8),
+            image_allow_hosts=tuple(v.strip() for v in (_env_str("IMAGE_ALLOW_HOSTS") or "").split(",") if v.strip()),
+            image_roots=tuple(Path(v) for v in (_env_str("IMAGE_ROOTS") or "").split(os.pathsep) if v.strip()),
+            predict_deadline_s=_env_float("PREDICT_DEADLINE_S", 80.0),
+            predict_max_pixels=_env_int("PREDICT_MAX_PIXELS", 256_000_000),
+            fetch_per_request=_env_int("FETCH_PER_REQUEST", 8),
+            fetch_per_host=_env_int("FETCH_PER_HOST", 8),
+            ignore_labels=tuple(v.strip() for v in (_env_str("IGNORE_LABELS") or "").split("|") if v.strip()),
+            patient_fields={
+                k.strip(): v.strip()
+                for k, _, v in (p.partition("=") for p in (_env_str("PATIENT_FIELDS") or "").split(","))
+                if k.strip() and v.strip()
+            },
+            max_body_bytes=_env_int("MAX_BODY_BYTES", 32 * 1024 * 1024),
+            max_projects=_env_int("MAX_PROJECTS", 100),
+            max_model_dir_bytes=_env_int("MAX_MODEL_DIR_BYTES", 20 * 1024**3),
+            host=_env_str("HOST", "127.0.0.1") or "127.0.0.1",
+            embedded_workers=_env_int("EMBEDDED_WORKERS", 1),
+            log_level=_env_str("LOG_LEVEL", "INFO") or "INFO",
+            training_lock_ttl_s=_env_float("TRAINING_LOCK_TTL_S", 60.0),
+            job_timeout_s=_env_int("JOB_TIMEOUT_S", 6 * 3600),
+            job_retries=_env_int("JOB_RETRIES", 3),
+            job_retry_intervals_s=tuple(
+                int(v) for v in (_env_str("JOB_RETRY_INTERVALS_S", "10,60,300") or "").split(",") if v.strip()
+            ),
+            worker_heartbeat_s=_env_int("WORKER_HEARTBEAT_S", 10),
+            worker_maintenance_s=_env_int("WORKER_MAINTENANCE_S", 60),
         )

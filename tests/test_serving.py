@@ -196,6 +196,12 @@ def test_label_set_follows_the_project_and_models_are_cached(client, ls_request,
         '<Choice value="Nodule"/>', '<Choice value="Nodule"/><Choice value="Mass"/>'
     )
     small["label_config"] = changed
+    # /predict never changes the model (a caller could otherwise swap what everyone sees): a clear 422 ...
+    refused = client.post("/predict", json=small)
+    assert refused.status_code == 422 and "/setup" in refused.json()["error"]
+    assert client.app.state.registry.store.live_version("7") == "v0"
+    # ... and the change arrives through /setup, as Label Studio sends it on every connection check
+    assert client.post("/setup", json={"project": "7.123", "schema": changed}).json() == {"model_version": "v1"}
     answer = client.post("/predict", json=small).json()
     assert answer["model_version"] == "v1"
     probabilities = answer["results"][0]["result"][0]["probabilities"]

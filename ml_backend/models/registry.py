@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +19,24 @@ from ml_backend.models.classifier import build_classifier, normalisation, pick_d
 from ml_backend.models.store import VersionInfo, VersionStore
 
 log = logging.getLogger(__name__)
+
+
+class ProjectQuotaExceeded(RuntimeError):
+    """A new project id beyond ``MAX_PROJECTS``: refused before any weights are written."""
+
+
+class LabelSetMismatch(ValueError):
+    """A request names findings other than the live model's, and may not change the model."""
+
+    def __init__(self, project: str, live: tuple[str, ...], requested: tuple[str, ...]) -> None:
+        added = [f for f in requested if f not in live]
+        dropped = [f for f in live if f not in requested]
+        super().__init__(
+            f"project {project}: the label config's findings differ from the live model's "
+            f"(added {added or 'none'}, dropped {dropped or 'none'}, or reordered); /predict never changes the "
+            "model: send the new config through /setup (Label Studio does on every connection check) or a "
+            "PROJECT_UPDATED webhook"
+        )
 
 
 @dataclass
@@ -80,37 +100,29 @@ class ModelRegistry:
 
     def __init__(self, settings: Settings, store: VersionStore | None = None) -> None:
         self.settings = settings
-        self.store = store or VersionStore(settings.model_dir)
+        self.store = store or VersionStore(settings.model_dir, settings.max_model_dir_bytes)
         self.device = pick_device(settings.device)
         self._cache: dict[tuple[str, str], LoadedModel] = {}
         self._lock = threading.Lock()
 
-    def ensure_version(self, project: str, labels: tuple[str, ...]) -> str:
-        """The live version for ``project``; creates the initial one, or a head-remapped one on a new label set."""
+    def ensure_version(self, project: str, labels: tuple[str, ...], *, allow_label_change: bool = True) -> str:
+        """The live version for ``project``; creates the initial one, or a head-remapped one on a new label set.
+
+        ``allow_label_change=False`` (``/predict``) refuses a label set other than the live model's: only
+        ``/setup``, ``PROJECT_UPDATED`` and the project's own jobs may change the model everyone sees.
+        """
         live = self.store.live_version(project)
         if live is not None and tuple(self.store.info(project, live).meta["labels"]) == tuple(labels):
             return live
         with self._lock:
             live = self.store.live_version(project)
             if live is None:
-                torch.manual_seed(0)  # every process that races to create v0 builds the same weights
-                model = build_classifier(
-                    self.settings.backbone,
-                    len(labels),
-                    pretrained=self.settings.pretrained,
-                    output_stride=self.settings.output_stride,
-                )
-                meta = initial_meta(self.settings, labels)
-                try:
-                    info = self.store.save_version(project, model.state_dict(), meta, version="v0")
-                except FileExistsError:
-                    self.store.set_live(project, "v0")
-                    info = self.store.info(project, "v0")
-                log.info("project %s: created initial version %s for %d findings", project, info.version, len(labels))
-                return info.version
+                return self._create_initial(project, labels)
             info = self.store.info(project, live)
             if tuple(info.meta["labels"]) == tuple(labels):
                 return live
+            if not allow_label_change:
+                raise LabelSetMismatch(project, tuple(info.meta["labels"]), tuple(labels))
             old = model_from_version(info, self.store, torch.device("cpu"))
             model = remap_head(old, tuple(info.meta["labels"]), tuple(labels), info.meta)
             meta = {
@@ -127,8 +139,48 @@ class ModelRegistry:
             log.info("project %s: label set changed, %s -> %s", project, live, new.version)
             return new.version
 
-    def get(self, project: str, labels: tuple[str, ...] | None = None) -> LoadedModel:
-        version = self.ensure_version(project, labels) if labels else self.store.live_version(project)
+    def _create_initial(self, project: str, labels: tuple[str, ...]) -> str:
+        known = self.store.projects()
+        if project not in known and len(known) >= self.settings.max_projects:
+            raise ProjectQuotaExceeded(
+                f"this backend already serves {len(known)} projects (MAX_PROJECTS={self.settings.max_projects})"
+            )
+        torch.manual_seed(0)  # every process that races to create v0 builds the same weights
+        model = build_classifier(
+            self.settings.backbone,
+            len(labels),
+            pretrained=self.settings.pretrained,
+            output_stride=self.settings.output_stride,
+        )
+        meta = initial_meta(self.settings, labels)
+        try:
+            info = self.store.save_version(
+                project, model.state_dict(), meta, version="v0", shared_key=self._initial_weights_key(len(labels))
+            )
+        except FileExistsError:
+            self.store.set_live(project, "v0")
+            info = self.store.info(project, "v0")
+        log.info("project %s: created initial version %s for %d findings", project, info.version, len(labels))
+        return info.version
+
+    def _initial_weights_key(self, n_labels: int) -> str:
+        """Projects with the same backbone, head size and starting weights share one file (seeded above)."""
+        source = self.settings.pretrained or "init0"
+        if source != "hub" and source != "init0":
+            path = Path(source)
+            stat = path.stat() if path.is_file() else None
+            source = hashlib.sha256(f"{path.resolve()}:{stat and stat.st_size}:{stat and stat.st_mtime_ns}".encode())
+            source = source.hexdigest()[:16]
+        return f"{self.settings.backbone}-k{n_labels}-s{self.settings.output_stride}-{source}"
+
+    def get(
+        self, project: str, labels: tuple[str, ...] | None = None, *, allow_label_change: bool = True
+    ) -> LoadedModel:
+        version = (
+            self.ensure_version(project, labels, allow_label_change=allow_label_change)
+            if labels
+            else self.store.live_version(project)
+        )
         if version is None:
             raise LookupError(f"project {project} has no model yet: call /setup first")
         key = (project, version)

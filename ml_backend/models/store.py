@@ -1,13 +1,16 @@
 """Model versions on disk: one folder per version, written atomically, and a ``live`` pointer per project.
 
 Layout: ``MODEL_DIR/projects/<project>/versions/<version>/{model.pt, meta.json}`` and
-``MODEL_DIR/projects/<project>/live`` (the live version's name). A version folder is assembled under a
-temporary name and renamed into place, and ``live`` is replaced with ``os.replace``: a job killed at any
-point leaves either no new version or a complete one, never a half-written version live.
+``MODEL_DIR/projects/<project>/live`` (the live version's name). Untrained starting weights are written once
+to ``MODEL_DIR/shared/<key>.pt`` and hard-linked into each project's ``v0``, so a new project costs no copy.
+A version folder is assembled under a temporary name and renamed into place, and ``live`` is replaced with
+``os.replace``: a job killed at any point leaves either no new version or a complete one, never a
+half-written version live.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -25,6 +28,10 @@ _VERSION = re.compile(r"^v(\d+)$")
 
 class VersionNotFound(LookupError):
     pass
+
+
+class StorageQuotaExceeded(RuntimeError):
+    """Writing another version would take the model folder past ``MAX_MODEL_DIR_BYTES``."""
 
 
 @dataclass(frozen=True)
@@ -48,8 +55,34 @@ def project_key(project: Any) -> str:
 
 
 class VersionStore:
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, max_bytes: int | None = None) -> None:
         self.root = Path(model_dir) / "projects"
+        self.shared_dir = Path(model_dir) / "shared"
+        self.max_bytes = max_bytes
+
+    def disk_usage(self) -> int:
+        """Bytes under the model folder, each hard-linked file counted once."""
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for folder in (self.root, self.shared_dir):
+            if not folder.is_dir():
+                continue
+            for path in folder.rglob("*"):
+                try:
+                    stat = path.lstat()
+                except FileNotFoundError:  # a staging folder renamed meanwhile
+                    continue
+                if path.is_file() and (stat.st_dev, stat.st_ino) not in seen:
+                    seen.add((stat.st_dev, stat.st_ino))
+                    total += stat.st_size
+        return total
+
+    def _check_quota(self) -> None:
+        if self.max_bytes is not None and self.disk_usage() >= self.max_bytes:
+            raise StorageQuotaExceeded(
+                f"the model folder holds {self.disk_usage()} bytes, at or above MAX_MODEL_DIR_BYTES ({self.max_bytes}):"
+                " delete old versions or raise the cap"
+            )
 
     def project_dir(self, project: str) -> Path:
         return self.root / project
@@ -93,13 +126,26 @@ class VersionStore:
         version: str | None = None,
         make_live: bool = True,
         extra_files: dict[str, bytes] | None = None,
+        shared_key: str | None = None,
     ) -> VersionInfo:
-        """Write a complete version folder atomically; ``version=None`` takes the next free ``v<n>``."""
+        """Write a complete version folder atomically; ``version=None`` takes the next free ``v<n>``.
+
+        ``shared_key`` names weights that many projects start from (untrained or pretrained, same label count):
+        they are stored once under ``shared/`` and hard-linked, falling back to a copy across file systems.
+        """
+        self._check_quota()
         versions_dir = self.project_dir(project) / "versions"
         versions_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=versions_dir))
         try:
-            torch.save(state_dict, staging / "model.pt")
+            if shared_key is None:
+                torch.save(state_dict, staging / "model.pt")
+            else:
+                shared = self._shared_state(shared_key, state_dict)
+                try:
+                    os.link(shared, staging / "model.pt")
+                except OSError:
+                    shutil.copyfile(shared, staging / "model.pt")
             for name, payload in (extra_files or {}).items():
                 (staging / name).write_bytes(payload)
             for _attempt in range(100):
@@ -126,6 +172,16 @@ class VersionStore:
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
+
+    def _shared_state(self, shared_key: str, state_dict: dict[str, torch.Tensor]) -> Path:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", shared_key):
+            raise ValueError(f"invalid shared weights key {shared_key!r}")
+        path = self.shared_dir / f"{shared_key}.pt"
+        if not path.is_file():
+            buffer = io.BytesIO()
+            torch.save(state_dict, buffer)
+            _write_atomic(path, buffer.getvalue())  # racing processes write identical bytes; os.replace wins once
+        return path
 
     def set_live(self, project: str, version: str) -> None:
         self.info(project, version)  # raises VersionNotFound

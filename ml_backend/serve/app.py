@@ -1,14 +1,12 @@
 """The HTTP side of Label Studio's ML backend protocol (compatible with label-studio-ml 2.x).
 
 Routes: /health, /setup, /predict, /webhook, /versions, /metrics, /report. Every error is a JSON body
-``{"error": ..., "detail": ...}`` with a 4xx status that says what was wrong with the request.
+``{"error": ..., "detail": ...}`` with a 4xx status that says what was wrong with the request; a bad task in
+/predict gets an empty result with its reason in ``error`` (a field Label Studio ignores), never a 5xx.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
 import logging
 import time
 from typing import Any
@@ -22,9 +20,11 @@ from ml_backend import __version__
 from ml_backend.config import Settings
 from ml_backend.feedback.webhook import WebhookHandler
 from ml_backend.io.label_config import LabelConfigError, ProjectSchema, parse_label_config
-from ml_backend.models.registry import ModelRegistry
-from ml_backend.models.store import VersionStore, project_key
+from ml_backend.models.registry import LabelSetMismatch, ModelRegistry, ProjectQuotaExceeded
+from ml_backend.models.store import StorageQuotaExceeded, VersionStore, project_key
+from ml_backend.serve.metrics import AppMetrics
 from ml_backend.serve.predictor import Predictor
+from ml_backend.serve.security import BodySizeLimit, basic_auth_ok, webhook_secret_ok
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,8 @@ class RequestError(Exception):
         self.status, self.error, self.detail = status, error, detail
 
 
-def _error(status: int, error: str, detail: Any = None) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail}, status_code=status)
-
-
-async def _json_body(request: Request) -> dict[str, Any]:
-    return _parse_json(await request.body())
+def _error(status: int, error: str, detail: Any = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
 def _parse_json(raw: bytes) -> dict[str, Any]:
@@ -54,6 +50,10 @@ def _parse_json(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise RequestError(400, f"request body must be a JSON object, got {type(body).__name__}")
     return body
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    return _parse_json(await request.body())
 
 
 def _schema(config: Any) -> ProjectSchema:
@@ -72,105 +72,62 @@ def _project(value: Any) -> str:
         raise RequestError(400, str(exc)) from None
 
 
-def _basic_auth_ok(request: Request, settings: Settings) -> bool:
-    header = request.headers.get("authorization", "")
-    if not header.lower().startswith("basic "):
-        return False
+def _model_call(function: Any, *args: Any, **kwargs: Any) -> Any:
+    """Registry calls with their refusals turned into answers that say what to do."""
     try:
-        user, _, password = base64.b64decode(header[6:]).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return False
-    return hmac.compare_digest(user, settings.basic_auth_user or "") and hmac.compare_digest(
-        password, settings.basic_auth_pass or ""
-    )
+        return function(*args, **kwargs)
+    except LabelSetMismatch as exc:
+        raise RequestError(422, str(exc)) from None
+    except ProjectQuotaExceeded as exc:
+        raise RequestError(403, str(exc), "raise MAX_PROJECTS or delete unused projects under MODEL_DIR") from None
+    except StorageQuotaExceeded as exc:
+        raise RequestError(507, str(exc)) from None
 
 
-def _webhook_secret_ok(request: Request, settings: Settings) -> bool:
-    if not settings.webhook_secret:
-        return False
-    given = request.headers.get("x-webhook-secret") or request.query_params.get("token") or ""
-    return hmac.compare_digest(given, settings.webhook_secret)
+def _want_json(request: Request) -> bool:
+    return request.query_params.get("format") == "json" or "application/json" in request.headers.get("accept", "")
 
 
-def create_app(settings: Settings | None = None, webhook: WebhookHandler | None = None) -> FastAPI:
-    settings = settings or Settings.from_env()
-    store = VersionStore(settings.model_dir)
-    registry = ModelRegistry(settings, store)
-    predictor = Predictor(settings)
-    webhook = webhook or WebhookHandler(settings)
-    schemas: dict[str, ProjectSchema] = {}  # last label config seen per project (setup may precede predict)
-    app = FastAPI(title="MEDebiaser ML backend", version=__version__)
-    app.state.settings, app.state.registry, app.state.predictor, app.state.webhook = (
-        settings,
-        registry,
-        predictor,
-        webhook,
-    )
+class _Routes:
+    """The route handlers, sharing the app's parts; ``create_app`` wires them to paths."""
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):  # noqa: ANN001, ANN202 - starlette's middleware signature
-        if settings.basic_auth_user:
-            allowed = _basic_auth_ok(request, settings) or (
-                request.url.path == "/webhook" and _webhook_secret_ok(request, settings)
-            )
-            if not allowed:
-                return JSONResponse(
-                    {
-                        "error": "authentication required",
-                        "detail": "HTTP basic auth (or the webhook secret on /webhook)",
-                    },
-                    status_code=401,
-                    headers={"WWW-Authenticate": 'Basic realm="medebiaser"'},
-                )
-        elif settings.webhook_secret and request.url.path == "/webhook" and not _webhook_secret_ok(request, settings):
-            return _error(401, "webhook secret missing or wrong", "send it as header X-Webhook-Secret or ?token=")
-        try:
-            return await call_next(request)
-        except RequestError as exc:
-            return _error(exc.status, exc.error, exc.detail)
+    def __init__(self, settings: Settings, webhook: WebhookHandler) -> None:
+        self.settings = settings
+        self.store = VersionStore(settings.model_dir, settings.max_model_dir_bytes)
+        self.registry = ModelRegistry(settings, self.store)
+        self.predictor = Predictor(settings)
+        self.webhook = webhook
+        self.schemas: dict[str, ProjectSchema] = {}  # last label config seen per project (setup may precede predict)
+        self.metrics = AppMetrics(lambda: self.predictor.stats, webhook.stats)
 
-    @app.exception_handler(RequestError)
-    async def request_error(_: Request, exc: RequestError) -> JSONResponse:
-        return _error(exc.status, exc.error, exc.detail)
+    async def health(self) -> dict[str, Any]:
+        # Nothing about projects here: /health answers whoever asks when no auth is configured.
+        return {"status": "UP", "model_class": "MEDebiaser", "version": __version__}
 
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return _error(500, f"internal error: {exc.__class__.__name__}", str(exc))
-
-    @app.get("/health")
-    @app.get("/")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "UP",
-            "model_class": "MEDebiaser",
-            "backbone": settings.backbone,
-            "live_versions": {p: store.live_version(p) for p in store.projects()},
-        }
-
-    @app.post("/setup")
-    async def setup(request: Request) -> dict[str, Any]:
+    async def setup(self, request: Request) -> dict[str, Any]:
         body = await _json_body(request)
         project = _project(body.get("project"))
         schema = _schema(body.get("schema", body.get("label_config")))
-        schemas[project] = schema
-        version = await run_in_threadpool(registry.ensure_version, project, schema.findings)
+        version = await run_in_threadpool(_model_call, self.registry.ensure_version, project, schema.findings)
+        self.schemas[project] = schema
         return {"model_version": version}
 
-    @app.post("/predict")
-    async def predict(request: Request) -> JSONResponse:
+    async def predict(self, request: Request) -> Response:
         body = await _json_body(request)
         tasks = body.get("tasks")
         if not isinstance(tasks, list):
             raise RequestError(400, "'tasks' must be a list of Label Studio task objects")
         project = _project(body.get("project"))
         config = body.get("label_config")
-        schema = _schema(config) if config is not None or project not in schemas else schemas[project]
-        schemas[project] = schema
+        known = self.schemas.get(project)
+        schema = known if config is None and known is not None else _schema(config)
         if not tasks:
             return JSONResponse({"results": []})
-        loaded = await run_in_threadpool(registry.get, project, schema.findings)
-        results = await run_in_threadpool(predictor.predict, tasks, schema, loaded)
+        loaded = await run_in_threadpool(
+            _model_call, self.registry.get, project, schema.findings, allow_label_change=False
+        )
+        self.schemas[project] = schema
+        results = await run_in_threadpool(self.predictor.predict, tasks, schema, loaded)
         # orjson in the thread pool: a batch of full-size heatmaps is tens of MB of integers, which the stdlib
         # encoder (and FastAPI's) would serialise several times slower, on the event loop.
         payload = await run_in_threadpool(
@@ -178,57 +135,148 @@ def create_app(settings: Settings | None = None, webhook: WebhookHandler | None 
         )
         return Response(payload, media_type="application/json")
 
-    @app.post("/webhook")
-    async def webhook_route(request: Request) -> JSONResponse:
+    async def webhook_route(self, request: Request) -> JSONResponse:
         received = time.perf_counter()
         raw = await request.body()
 
         def parse_and_handle() -> tuple[int, dict[str, Any]]:
             # Off the event loop: a webhook carrying full-size brush masks must not stall /health or /predict.
-            return webhook.handle(_parse_json(raw))
+            body = _parse_json(raw)
+            status, answer = self.webhook.handle(body)
+            if status < 300 and body.get("action") == "PROJECT_UPDATED":
+                answer.update(self._apply_project_update(body))
+            return status, answer
 
         status, answer = await run_in_threadpool(parse_and_handle)
         answer["ack_ms"] = round((time.perf_counter() - received) * 1000, 3)
         return JSONResponse(answer, status_code=status)
 
-    @app.get("/versions")
-    async def versions(project: str | None = None) -> dict[str, Any]:
-        projects = [_project(project)] if project else store.projects()
+    def _apply_project_update(self, body: dict[str, Any]) -> dict[str, Any]:
+        """PROJECT_UPDATED is, with /setup, where a new label set reaches the model (never /predict)."""
+        project_body = body.get("project")
+        config = project_body.get("label_config") if isinstance(project_body, dict) else None
+        if not isinstance(config, str):
+            return {}
+        try:
+            project = project_key(project_body)
+            schema = parse_label_config(config)
+            version = self.registry.ensure_version(project, schema.findings)
+        except (ValueError, ProjectQuotaExceeded, StorageQuotaExceeded) as exc:  # recorded; the model stays
+            return {"model_version_error": str(exc)[:300]}
+        self.schemas[project] = schema
+        return {"model_version": version}
+
+    async def versions(self, project: str | None = None) -> dict[str, Any]:
+        projects = [_project(project)] if project else self.store.projects()
         detail = {
-            p: {"live": store.live_version(p), "versions": [_version_summary(v.meta) for v in store.list_versions(p)]}
+            p: {
+                "live": self.store.live_version(p),
+                "versions": [_version_summary(v.meta) for v in self.store.list_versions(p)],
+            }
             for p in projects
         }
         names = sorted({v["version"] for d in detail.values() for v in d["versions"]}, key=lambda n: int(n[1:]))
         return {"versions": names, "projects": detail}
 
-    @app.get("/metrics")
-    async def metrics() -> dict[str, Any]:
-        stats = predictor.stats
-        return {
-            "predict": {
-                "requests": stats.requests,
-                "tasks": stats.tasks,
-                "failed_tasks": stats.failed_tasks,
-                "seconds_total": round(stats.seconds_total, 3),
-                "seconds_fetch": round(stats.seconds_fetch, 3),
-                "seconds_model": round(stats.seconds_model, 3),
-                "seconds_heatmaps": round(stats.seconds_heatmaps, 3),
-                "tasks_per_second": round(stats.tasks / stats.seconds_total, 2) if stats.seconds_total else None,
-                "last_errors": stats.last_errors,
-            },
-            "webhook": webhook.stats(),
-            "live_versions": {p: store.live_version(p) for p in store.projects()},
+    async def metrics_route(self, request: Request) -> Response:
+        if not _want_json(request):
+            return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        stats = self.predictor.stats
+        predict: dict[str, Any] = {
+            "requests": stats.requests,
+            "tasks": stats.tasks,
+            "failed_tasks": stats.failed_tasks,
+            "seconds_total": round(stats.seconds_total, 3),
+            "seconds_fetch": round(stats.seconds_fetch, 3),
+            "seconds_model": round(stats.seconds_model, 3),
+            "seconds_heatmaps": round(stats.seconds_heatmaps, 3),
+            "tasks_per_second": round(stats.tasks / stats.seconds_total, 2) if stats.seconds_total else None,
         }
+        if self.settings.basic_auth_user:
+            # Error texts name URLs and paths: only for a caller who passed basic auth. Without auth configured
+            # each task's reason is still in its /predict answer and in the log.
+            predict["last_errors"] = stats.last_errors
+        return JSONResponse(
+            {
+                "predict": predict,
+                "webhook": self.webhook.stats(),
+                "live_versions": {p: self.store.live_version(p) for p in self.store.projects()}
+                if self.settings.basic_auth_user
+                else None,
+            }
+        )
 
-    @app.get("/report", response_class=HTMLResponse)
-    async def report(project: str | None = None) -> HTMLResponse:
+    async def report(self, project: str | None = None) -> HTMLResponse:
         from ml_backend.measure.project_report import render_project_report  # matplotlib loads only when asked
 
-        key = _project(project) if project else (store.projects() or ["default"])[0]
-        html = await run_in_threadpool(render_project_report, store, key)
+        key = _project(project) if project else (self.store.projects() or ["default"])[0]
+        html = await run_in_threadpool(render_project_report, self.store, key)
         return HTMLResponse(html)
 
+
+def create_app(settings: Settings | None = None, webhook: WebhookHandler | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    routes = _Routes(settings, webhook or WebhookHandler(settings))
+    app = FastAPI(title="MEDebiaser ML backend", version=__version__)
+    app.state.settings, app.state.registry = settings, routes.registry
+    app.state.predictor, app.state.webhook, app.state.routes = routes.predictor, routes.webhook, routes
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):  # noqa: ANN001, ANN202 - starlette's middleware signature
+        started = time.perf_counter()
+        refusal = _refusal(request, settings)
+        if refusal is not None:
+            response: Response = refusal
+        else:
+            try:
+                response = await call_next(request)
+            except RequestError as exc:
+                response = _error(exc.status, exc.error, exc.detail)
+        routes.metrics.observe(request.url.path, response.status_code, time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, exc: RequestError) -> JSONResponse:
+        return _error(exc.status, exc.error, exc.detail)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")  # a bug: the fuzz test (tests/test_fuzz_routes.py) hunts for these
+        return _error(500, f"internal error: {exc.__class__.__name__}")
+
+    app.add_api_route("/health", routes.health, methods=["GET"])
+    app.add_api_route("/", routes.health, methods=["GET"])
+    app.add_api_route("/setup", routes.setup, methods=["POST"])
+    app.add_api_route("/predict", routes.predict, methods=["POST"])
+    app.add_api_route("/webhook", routes.webhook_route, methods=["POST"])
+    app.add_api_route("/versions", routes.versions, methods=["GET"])
+    app.add_api_route("/metrics", routes.metrics_route, methods=["GET"])
+    app.add_api_route("/report", routes.report, methods=["GET"], response_class=HTMLResponse)
+    # Outermost: a declared Content-Length over the limit is refused before any route or auth check reads it.
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     return app
+
+
+def _refusal(request: Request, settings: Settings) -> Response | None:
+    """The 401 for a request without valid credentials, or None when it may proceed."""
+    is_webhook = request.url.path == "/webhook"
+    header = request.headers.get("x-webhook-secret")
+    # Starlette decodes header values as latin-1: back to the bytes the client sent (UTF-8 for a non-ASCII secret)
+    given_secret: str | bytes = header.encode("latin-1") if header else request.query_params.get("token") or ""
+    if settings.basic_auth_user:
+        if basic_auth_ok(request.headers.get("authorization", ""), settings):
+            return None
+        if is_webhook and webhook_secret_ok(given_secret, settings):
+            return None
+        return _error(
+            401,
+            "authentication required",
+            "HTTP basic auth (or the webhook secret on /webhook)",
+            headers={"WWW-Authenticate": 'Basic realm="medebiaser"'},
+        )
+    if settings.webhook_secret and is_webhook and not webhook_secret_ok(given_secret, settings):
+        return _error(401, "webhook secret missing or wrong", "send it as header X-Webhook-Secret or ?token=")
+    return None
 
 
 def _version_summary(meta: dict[str, Any]) -> dict[str, Any]:
