@@ -182,7 +182,14 @@ def main() -> None:
     n_candidates = args.candidates or (2_000 if args.quick else 10_000)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        settings = replace(Settings(), model_dir=Path(tmp), backbone="resnet18", input_size=224, predict_batch_size=16)
+        settings = replace(
+            Settings(),
+            model_dir=Path(tmp),
+            backbone="resnet18",
+            input_size=224,
+            predict_batch_size=16,
+            image_roots=(NIH,),  # the images are read as local paths: their folder must be an image root
+        )
         print(f"predict + rank on {n_images} NIH images ...", flush=True)
         pr = predict_and_rank(n_images, settings)
     outputs, labels, head = pr.pop("outputs"), pr.pop("labels"), pr.pop("classifier")

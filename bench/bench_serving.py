@@ -310,7 +310,7 @@ def part_predict(
 
         def post(name: str, server: str = "default") -> None:
             url = servers[server].url
-            before = client.get(url + "/metrics").json()["predict"]
+            before = client.get(url + "/metrics?format=json").json()["predict"]
             started = time.perf_counter()
             with client.stream(
                 "POST", url + "/predict", content=bodies[name], headers={"Content-Type": "application/json"}
@@ -318,7 +318,7 @@ def part_predict(
                 first_byte = time.perf_counter()  # headers in: the app has serialised the whole body
                 content = response.read()
             wall = time.perf_counter() - started
-            after = client.get(url + "/metrics").json()["predict"]
+            after = client.get(url + "/metrics?format=json").json()["predict"]
             assert response.status_code == 200, content[:500]
             answer = json.loads(content)
             heat = count_heatmaps(answer)
@@ -439,7 +439,6 @@ def _build(predictor: Any, schema: Any, loaded: Any, output: Any, images: list, 
 
 def part_breakdown(n: int, reps: int, work: Path) -> dict[str, Any]:
     """Stages of one /predict request, timed in this process with the predictor's own code paths."""
-    import httpx
     from pydantic import TypeAdapter
     from starlette.responses import JSONResponse
 
@@ -461,7 +460,7 @@ def part_breakdown(n: int, reps: int, work: Path) -> dict[str, Any]:
         registry = ModelRegistry(settings)
         loaded = registry.get("2", schema.findings)
         predictor = Predictor(settings)
-        http = httpx.Client(timeout=60)
+        http = predictor.http  # the same source policy and connection pool as the server
         for name, w in loads.items():
             tasks = [{"id": i, "data": {"image": ref}} for i, ref in enumerate(w["refs"])]
             stage: dict[str, list[float]] = {}
