@@ -76,25 +76,29 @@ def test_parse_real_label_studio_webhook(ls_request) -> None:
     assert set(record.masks) == {"Cardiomegaly"} and record.masks["Cardiomegaly"].width == 64
 
 
-def test_parse_rejects_bad_annotations_and_skips_cancelled() -> None:
+def test_parse_skips_bad_items_keeps_the_rest_and_skips_cancelled() -> None:
+    # New project rule (was: the whole annotation rejected): a bad label or region is skipped with its reason.
     mask = np.zeros((64, 64), np.uint8)
     mask[10:20, 10:20] = 255
     good = annotation_event(1, 1, masks={"Effusion": mask, "Ignore (marker, tube, text)": mask})
     record = parse_annotation("5", good["annotation"], good["task"], SCHEMA)
-    assert set(record.masks) == {"Effusion", IGNORE}
+    assert set(record.masks) == {"Effusion", IGNORE} and record.skipped == []
     cancelled = annotation_event(2, 2, cancelled=True)
     assert parse_annotation("5", cancelled["annotation"], cancelled["task"], SCHEMA) is None
-    unknown = annotation_event(3, 3, choices=("Broken leg",))
-    with pytest.raises(AnnotationError, match="not in the label config"):
-        parse_annotation("5", unknown["annotation"], unknown["task"], SCHEMA)
+    unknown = annotation_event(3, 3, choices=("Broken leg", "Effusion"))
+    record = parse_annotation("5", unknown["annotation"], unknown["task"], SCHEMA)
+    assert record.positives == ["Effusion"] and "not in the label config" in record.skipped[0]["reason"]
     wrong_size = annotation_event(4, 4, masks={"Effusion": mask})
     wrong_size["annotation"]["result"][1]["original_width"] = 128
-    with pytest.raises(AnnotationError, match="encodes 4096 pixels but the image is 128x64"):
-        parse_annotation("5", wrong_size["annotation"], wrong_size["task"], SCHEMA)
+    record = parse_annotation("5", wrong_size["annotation"], wrong_size["task"], SCHEMA)
+    assert record.masks == {} and record.positives == ["Cardiomegaly"]
+    assert "encodes 4096 pixels but the image is 128x64" in record.skipped[0]["reason"]
     unknown_mask = annotation_event(5, 5, masks={"Effusion": mask})
     unknown_mask["annotation"]["result"][1]["value"]["brushlabels"] = ["Tumour"]
-    with pytest.raises(AnnotationError, match="not a finding"):
-        parse_annotation("5", unknown_mask["annotation"], unknown_mask["task"], SCHEMA)
+    record = parse_annotation("5", unknown_mask["annotation"], unknown_mask["task"], SCHEMA)
+    assert record.skipped[0]["code"] == "unknown_label" and "neither a finding" in record.skipped[0]["reason"]
+    with pytest.raises(AnnotationError, match="integer 'id'"):
+        parse_annotation("5", {"was_cancelled": True}, {"id": 1}, SCHEMA)
 
 
 @pytest.fixture()
@@ -139,7 +143,6 @@ def test_webhook_rejects_bad_payloads_with_clear_4xx(app_client) -> None:
     cases = [
         ({"action": "ANNOTATION_CREATED"}, 400, "project"),
         ({**annotation_event(1, 1), "annotation": "x"}, 422, "'annotation' must be an object"),
-        ({**annotation_event(1, 1, choices=("Unknown",))}, 422, "not in the label config"),
         ({**annotation_event(1, 1), "task": {"id": 1, "data": {}}}, 422, "no image"),
         ({"action": "ANNOTATIONS_DELETED", "annotations": [], "project": {"id": 5}}, 422, "no annotation ids"),
         ({**annotation_event(1, 1), "project": {"id": 5, "label_config": "<View/>"}}, 422, "Image"),

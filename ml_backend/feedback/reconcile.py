@@ -13,6 +13,7 @@ from typing import Any
 from ml_backend.config import Settings
 from ml_backend.feedback.annotations import AnnotationError, parse_annotation
 from ml_backend.feedback.store import AnnotationStore
+from ml_backend.feedback.webhook import project_ignore_labels
 from ml_backend.io.label_config import parse_label_config
 
 log = logging.getLogger(__name__)
@@ -38,17 +39,17 @@ def reconcile_with_label_studio(store: AnnotationStore, project: str, settings: 
         client = label_studio_client(settings)
         config = client.projects.get(id=int(project)).label_config
         store.set_label_config(config)
-        schema = parse_label_config(config)
+        schema = parse_label_config(config, ignore_labels=project_ignore_labels(store.conn, project, settings))
         _, existing = store.snapshot()
         known = {r.annotation_id: r for r in existing}
         seen: set[int] = set()
-        added = invalid = 0
+        added = invalid = regions_skipped = 0
         for task in client.tasks.list(project=int(project), fields="all", only_annotated=True):
             task_dict = _as_dict(task)
             for annotation in task_dict.get("annotations") or []:
                 annotation = _as_dict(annotation)
                 try:
-                    record = parse_annotation(project, annotation, task_dict, schema)
+                    record = parse_annotation(project, annotation, task_dict, schema, settings=settings)
                 except AnnotationError as exc:
                     invalid += 1
                     log.warning(
@@ -58,12 +59,19 @@ def reconcile_with_label_studio(store: AnnotationStore, project: str, settings: 
                 if record is None:
                     continue
                 seen.add(record.annotation_id)
+                regions_skipped += len(record.skipped)
                 old = known.get(record.annotation_id)
                 if old is None or old.updated_at != record.updated_at:
                     store.put(record)
                     added += 1
         removed = store.delete([i for i in known if i not in seen])
-        return {"added_or_updated": added, "removed": removed, "invalid": invalid, "in_label_studio": len(seen)}
+        return {
+            "added_or_updated": added,
+            "removed": removed,
+            "invalid": invalid,
+            "regions_skipped": regions_skipped,
+            "in_label_studio": len(seen),
+        }
     except Exception as exc:  # an unreachable Label Studio must not fail the job: train on what we have
         log.warning("project %s: reconcile with Label Studio failed: %s", project, exc)
         return {"error": f"{exc.__class__.__name__}: {exc}"}

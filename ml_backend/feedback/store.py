@@ -54,4 +54,4 @@ class AnnotationStore:
 
     def label_config(self) -> str | None:
         raw = self.conn.get(key(self.project, "label_config"))
-        return raw.decode() if raw is not None else None
+        return raw.decode() if isinstance(raw, bytes) else raw

@@ -2,27 +2,73 @@
 
 Label Studio sends webhooks synchronously inside the annotator's Submit (1 s timeout, no retry), so this
 handler never trains, fetches or decodes: it records the annotation in Redis and coalesces a training job.
+Because nothing is retried, only an unusable payload is refused (4xx); a region, label or patient field that
+cannot be used is skipped, counted and reported in the answer, and the rest of the annotation is recorded.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+from collections import Counter
 from typing import Any
 
 import redis
 
 from ml_backend.config import Settings
 from ml_backend.feedback.annotations import AnnotationError, parse_annotation
-from ml_backend.feedback.queue import connect, schedule_training
+from ml_backend.feedback.queue import connect, key, schedule_training
+from ml_backend.feedback.retrain_policy import after_annotations, waiting_annotations
 from ml_backend.feedback.store import AnnotationStore
-from ml_backend.io.label_config import LabelConfigError, parse_label_config
+from ml_backend.io.label_config import (
+    LabelConfigError,
+    ProjectSchema,
+    format_label_mapping,
+    ignore_labels_from_extra_params,
+    parse_label_config,
+)
 from ml_backend.models.store import project_key
 
 log = logging.getLogger(__name__)
 
 ANNOTATION_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED"}
 HANDLED = ANNOTATION_EVENTS | {"ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED", "START_TRAINING", "PROJECT_UPDATED"}
+MAX_SKIPS_IN_ANSWER = 50  # the answer lists this many skipped items; the counts cover all of them
+
+
+def record_project_params(conn: redis.Redis, project: str, extra_params: Any) -> tuple[str, ...]:
+    """Keep the ignore labels a project declares in Label Studio's "Extra params" (``{"ignore_labels": [...]}``,
+    sent to /setup) so the webhook and the training job read its regions the same way; returns them."""
+    labels = ignore_labels_from_extra_params(extra_params)
+    conn.set(key(project, "ignore_labels"), json.dumps(list(labels)))
+    return labels
+
+
+def project_ignore_labels(conn: redis.Redis, project: str, settings: Settings) -> tuple[str, ...]:
+    """Settings.ignore_labels plus those recorded from the project's extra params."""
+    raw = conn.get(key(project, "ignore_labels"))
+    stored = tuple(json.loads(raw)) if raw else ()
+    return tuple(dict.fromkeys(settings.ignore_labels + stored))
+
+
+def project_schema(conn: redis.Redis, project: str, config: str, settings: Settings) -> ProjectSchema:
+    """The project's schema with its declared ignore labels (LabelConfigError when the config is unusable)."""
+    return parse_label_config(config, ignore_labels=project_ignore_labels(conn, project, settings))
+
+
+def setup_project(conn: redis.Redis, project: str, config: str, extra_params: Any, settings: Settings) -> ProjectSchema:
+    """For /setup: record the project's declared ignore labels (extra params) and return its schema; log
+    ``format_label_mapping(schema)`` to show how every label was read. LabelConfigError for an unusable config."""
+    record_project_params(conn, project, extra_params)
+    return project_schema(conn, project, config, settings)
+
+
+def _int_ids(items: Any, what: str) -> list[int]:
+    if not isinstance(items, list):
+        raise AnnotationError(f"{what} must be a list of objects with an integer 'id'")
+    ids = [item.get("id") for item in items if isinstance(item, dict)]
+    return [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
 
 
 class WebhookHandler:
@@ -30,7 +76,15 @@ class WebhookHandler:
         self.settings = settings
         self._conn = conn
         self._lock = threading.Lock()
-        self.counts: dict[str, int] = {"received": 0, "recorded": 0, "rejected": 0, "jobs_enqueued": 0, "ignored": 0}
+        self.counts: dict[str, int] = {
+            "received": 0,
+            "recorded": 0,
+            "rejected": 0,
+            "jobs_enqueued": 0,
+            "ignored": 0,
+            "regions_skipped": 0,  # regions, labels and patient fields skipped inside recorded annotations
+        }
+        self.skip_reasons: Counter[str] = Counter()  # skip code -> count
 
     @property
     def conn(self) -> redis.Redis:
@@ -38,16 +92,32 @@ class WebhookHandler:
             self._conn = connect(self.settings)
         return self._conn
 
-    def stats(self) -> dict[str, int]:
-        return dict(self.counts)
+    def setup_project(self, project: str, config: str, extra_params: Any) -> ProjectSchema:
+        """For /setup: keep the project's declared ignore labels, log how every label of its config was read, and
+        return the schema (LabelConfigError for an unusable config; without Redis the labels apply to this call)."""
+        try:
+            schema = setup_project(self.conn, project, config, extra_params, self.settings)
+        except (redis.RedisError, RuntimeError) as exc:  # RuntimeError: no REDIS_URL in this process
+            log.warning("project %s: extra params not recorded, Redis unavailable: %s", project, exc)
+            declared = self.settings.ignore_labels + ignore_labels_from_extra_params(extra_params)
+            schema = parse_label_config(config, ignore_labels=declared)
+        log.info("project %s: label config read as: %s", project, format_label_mapping(schema))
+        return schema
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self.counts, "skip_reasons": dict(self.skip_reasons)}
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
             self.counts[name] += n
 
-    def handle(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def handle(self, body: Any) -> tuple[int, dict[str, Any]]:
         """(HTTP status, JSON answer) for one webhook body."""
         self._count("received")
+        if not isinstance(body, dict):
+            self._count("rejected")
+            return 400, {"error": "webhook body must be a JSON object"}
         action = body.get("action")
         if not isinstance(action, str):
             self._count("rejected")
@@ -78,65 +148,109 @@ class WebhookHandler:
 
     def _dispatch(self, action: str, project: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         store = AnnotationStore(self.conn, project)
-        project_body = body.get("project") if isinstance(body.get("project"), dict) else {}
-        config = project_body.get("label_config") or store.label_config()
-        if action == "PROJECT_UPDATED":
-            if config:
-                parse_label_config(config)  # reject an unusable config now, not in the worker
-                store.set_label_config(config)
-            return 200, {"status": "recorded", "action": action}
-        if action == "START_TRAINING":
-            if config:
-                store.set_label_config(config)
+        project_body: dict[str, Any] = body["project"] if isinstance(body.get("project"), dict) else {}
+        sent_config = project_body.get("label_config")
+        if sent_config is not None and not isinstance(sent_config, str):
+            raise LabelConfigError("project.label_config must be a string")
+        config = sent_config or store.label_config()
+        if action in ("PROJECT_UPDATED", "START_TRAINING"):
+            if sent_config:
+                project_schema(self.conn, project, sent_config, self.settings)  # refuse an unusable config now
+                store.set_label_config(sent_config)
+            if action == "PROJECT_UPDATED":
+                return 200, {"status": "recorded", "action": action}
             job = schedule_training(self.conn, project, reason="START_TRAINING", reconcile=True)
             self._count("jobs_enqueued", job is not None)
             return 201, {"status": "queued", "job_id": job, "reconcile": True}
         if action == "ANNOTATIONS_DELETED":
-            ids = [a.get("id") for a in body.get("annotations") or [] if isinstance(a, dict)]
-            ids = [i for i in ids if isinstance(i, int)]
+            ids = _int_ids(body.get("annotations"), "ANNOTATIONS_DELETED 'annotations'")
             if not ids:
                 raise AnnotationError("ANNOTATIONS_DELETED lists no annotation ids")
             removed = store.delete(ids)
-            job = schedule_training(self.conn, project, reason="annotations deleted") if removed else None
+            job = (
+                after_annotations(self.conn, project, self.settings, reason="annotations deleted") if removed else None
+            )
             self._count("jobs_enqueued", job is not None)
             return 200, {"status": "deleted", "removed": removed, "job_id": job}
         if not config:
             raise AnnotationError("no label config in the payload and none recorded for this project")
-        schema = parse_label_config(config)
-        store.set_label_config(config)
-        if action in ANNOTATION_EVENTS:
-            pairs = [(body.get("annotation"), body.get("task"))]
-        else:  # ANNOTATIONS_CREATED (bulk): each annotation names its task id; tasks may come alongside
-            tasks = {t.get("id"): t for t in body.get("tasks") or [] if isinstance(t, dict)}
-            annotations = body.get("annotation") or body.get("annotations") or []
-            if not isinstance(annotations, list):
-                raise AnnotationError("ANNOTATIONS_CREATED needs a list of annotations")
-            pairs = [(a, tasks.get(a.get("task")) if isinstance(a, dict) else None) for a in annotations]
-        recorded, cancelled, errors = 0, [], []
+        schema = project_schema(self.conn, project, config, self.settings)
+        if sent_config:
+            store.set_label_config(sent_config)
+        pairs = self._pairs(action, body)
+        recorded, cancelled, errors, skipped = 0, [], [], []
         for annotation, task in pairs:
             try:
-                record = parse_annotation(project, annotation, task, schema)
+                record = parse_annotation(project, annotation, task, schema, settings=self.settings)
             except AnnotationError as exc:
-                if len(pairs) == 1:
+                if len(pairs) == 1 and action in ANNOTATION_EVENTS:
                     raise
                 errors.append(str(exc))  # in a bulk event, a bad annotation does not sink the others
                 continue
             if record is None:
-                cancelled.append(annotation["id"])
-            else:
-                store.put(record)
-                recorded += 1
+                cancelled.append(annotation["id"])  # parse_annotation checked it is an int
+                continue
+            store.put(record)
+            recorded += 1
+            skipped += [{"annotation": record.annotation_id, **s} for s in record.skipped]
         if cancelled:
             store.delete(cancelled)  # a cancelled (skipped) annotation is not training data
+        if recorded == 0 and not cancelled and errors:
+            raise AnnotationError(f"no annotation in {action} is usable: {'; '.join(errors[:5])}")
         self._count("recorded", recorded)
-        job = schedule_training(self.conn, project, reason=action) if recorded or cancelled else None
+        if skipped:
+            with self._lock:
+                self.counts["regions_skipped"] += len(skipped)
+                self.skip_reasons.update(str(s["code"]) for s in skipped)
+            log.info("project %s: %d region(s)/field(s) skipped: %s", project, len(skipped), skipped[:5])
+        # The retraining policy decides: enough waiting, or a worker starts it after a quiet period.
+        job = after_annotations(self.conn, project, self.settings, reason=action) if recorded or cancelled else None
         self._count("jobs_enqueued", job is not None)
         answer: dict[str, Any] = {
             "status": "recorded",
             "recorded": recorded,
             "cancelled": len(cancelled),
             "job_id": job,
+            "skipped_count": len(skipped),
         }
+        if job is None and (recorded or cancelled):
+            # Said in the answer Label Studio logs: why no job started yet.
+            answer["waiting"] = waiting_annotations(self.conn, project)
+            answer["training"] = (
+                f"starts at {self.settings.retrain_min_annotations} waiting annotations, on START_TRAINING, or "
+                f"{self.settings.retrain_quiet_s:.0f} s after the last one (unless a job is already queued)"
+            )
+        if skipped:
+            answer["skipped"] = skipped[:MAX_SKIPS_IN_ANSWER]
         if errors:
             answer["errors"] = errors
         return 200, answer
+
+    @staticmethod
+    def _pairs(action: str, body: dict[str, Any]) -> list[tuple[Any, Any]]:
+        """(annotation, task) pairs of an event; AnnotationError when the event's shape is unusable."""
+        if action in ANNOTATION_EVENTS:
+            return [(body.get("annotation"), body.get("task"))]
+        # ANNOTATIONS_CREATED (bulk): each annotation names its task id; tasks may come alongside
+        raw_tasks = body.get("tasks")
+        if raw_tasks is None and isinstance(body.get("task"), list):
+            raw_tasks = body["task"]
+        if raw_tasks is not None and not isinstance(raw_tasks, list):
+            raise AnnotationError("ANNOTATIONS_CREATED 'tasks' must be a list of task objects")
+        tasks: dict[int, dict[str, Any]] = {}
+        for task in raw_tasks or []:
+            task_id = task.get("id") if isinstance(task, dict) else None
+            if isinstance(task_id, int) and not isinstance(task_id, bool):
+                tasks[task_id] = task
+        annotations = body.get("annotation") or body.get("annotations") or []
+        if isinstance(annotations, dict):
+            annotations = [annotations]
+        if not isinstance(annotations, list) or not annotations:
+            raise AnnotationError("ANNOTATIONS_CREATED needs a list of annotations")
+        pairs: list[tuple[Any, Any]] = []
+        single_task = body.get("task") if isinstance(body.get("task"), dict) else None
+        for annotation in annotations:
+            task_id = annotation.get("task") if isinstance(annotation, dict) else None
+            task = tasks.get(task_id) if isinstance(task_id, int) and not isinstance(task_id, bool) else None
+            pairs.append((annotation, task or single_task))
+        return pairs

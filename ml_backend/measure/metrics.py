@@ -48,6 +48,8 @@ __all__ = [
     "cooccurrence_matrices",
     "equalized_odds",
     "evaluate_version",
+    "fairness_coverage",
+    "patient_groups",
     "per_finding_metrics",
     "polygon_mask",
 ]
@@ -62,7 +64,7 @@ _MISSING = frozenset({"", "unknown", "none", "nan"})
 
 
 def _as_2d(a: ArrayLike, dtype: type) -> np.ndarray:
-    arr = np.asarray(a, dtype=dtype)
+    arr: np.ndarray = np.asarray(a, dtype=dtype)
     if arr.ndim == 1:  # a single finding given as a vector
         arr = arr[:, None]
     if arr.ndim != 2:
@@ -529,14 +531,15 @@ def attention_alignment(
     mass: list[float | None] = []
     hits: list[bool | None] = []
     areas: list[float] = []
-    maps, masks = list(heatmaps), list(region_masks)
+    maps: list[Any] = list(heatmaps)  # type: ignore[arg-type]  # a sequence of 2-D arrays, not one array
+    masks: list[Any] = list(region_masks)  # type: ignore[arg-type]
     if len(maps) != len(masks):
         raise ValueError(f"{len(maps)} heatmaps for {len(masks)} masks")
     for h, m in zip(maps, masks, strict=True):
         m = np.asarray(m, dtype=bool)
         h = np.nan_to_num(np.asarray(h, dtype=np.float64))
         if h.shape != m.shape:
-            h = _resize_bilinear(h, m.shape)
+            h = _resize_bilinear(h, (int(m.shape[0]), int(m.shape[1])))
         h = np.clip(h, 0.0, None)
         if not m.any():
             mass.append(None)
@@ -659,7 +662,7 @@ def evaluate_version(
     else:
         thr, source = choose_thresholds(yt, yp), "tuned_on_eval"
     pred = binarize(yp, thr)
-    boot = {"cluster_ids": cluster_ids, "n_boot": n_boot, "seed": seed}
+    boot: dict[str, Any] = {"cluster_ids": cluster_ids, "n_boot": n_boot, "seed": seed}
     min_valid = min(10, n_boot)
 
     quality = per_finding_metrics(yt, yp, labels, thr)
@@ -698,7 +701,8 @@ def evaluate_version(
         all_masks: list[np.ndarray] = []
         for name in labels:
             if name in heatmaps and name in regions:
-                maps, masks = list(heatmaps[name]), list(regions[name])
+                maps: list[Any] = list(heatmaps[name])  # type: ignore[arg-type]  # n 2-D heatmaps
+                masks: list[Any] = list(regions[name])  # type: ignore[arg-type]
                 res = attention_alignment(maps, masks)
                 res.pop("per_image")
                 attention[name] = res
@@ -735,3 +739,49 @@ def evaluate_version(
         "settings": {"min_cooccurrence": min_cooccurrence, "min_group_count": min_group_count},
     }
     return _json_ready(result)
+
+
+# ------------------------------------------------------------------------------------ patient groups
+
+FAIRNESS_ATTRIBUTES = ("sex", "age", "site")
+
+
+def patient_groups(attributes: Sequence[Mapping[str, Any]]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """``groups`` for :func:`evaluate_version` from per-image patient attributes (sex, age in years, site; age
+    as :func:`age_bins` bands), and for each attribute no image has, why it is absent."""
+    groups: dict[str, np.ndarray] = {}
+    absent: dict[str, str] = {}
+    for attr in FAIRNESS_ATTRIBUTES:
+        values = [a.get(attr) for a in attributes]
+        if all(_is_missing(v) for v in values):
+            absent[attr] = f"no held-out image has a {attr} (no such field in the task data)"
+        elif attr == "age":
+            groups[attr] = age_bins(np.array([np.nan if _is_missing(v) else v for v in values], dtype=object))
+        else:
+            groups[attr] = np.array(["unknown" if _is_missing(v) else str(v) for v in values], dtype=object)
+    return groups, absent
+
+
+def fairness_coverage(
+    metrics: Mapping[str, Any], groups: Mapping[str, ArrayLike], absent: Mapping[str, str], min_group_count: int = 5
+) -> dict[str, dict[str, Any]]:
+    """Which group attributes :func:`evaluate_version` could measure, in plain words: ``{attr: {"measured",
+    "reason", "group_sizes"}}``; an attribute is measured when the EOD of at least one finding is defined."""
+    out: dict[str, dict[str, Any]] = {attr: {"measured": False, "reason": why} for attr, why in absent.items()}
+    fairness = metrics.get("fairness") or {}
+    for attr, values in groups.items():
+        codes, names = _encode_groups(values)
+        sizes = {name: int((codes == i).sum()) for i, name in enumerate(names)}
+        listed = ", ".join(f"{name}: {n}" for name, n in sizes.items())
+        defined = int((fairness.get(attr) or {}).get("n_defined") or 0)
+        if len(names) < 2:
+            reason = f"only one {attr} group among the held-out images ({listed or 'none known'})"
+        elif defined == 0:
+            reason = (
+                f"too few images per group: a finding's EOD needs {min_group_count} positives (or negatives) in each "
+                f"of two groups; held-out images per group: {listed}"
+            )
+        else:
+            reason = f"measured on {defined} finding(s); held-out images per group: {listed}"
+        out[attr] = {"measured": defined > 0, "reason": reason, "group_sizes": sizes}
+    return out

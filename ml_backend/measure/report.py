@@ -166,7 +166,7 @@ def _attributes(versions: Sequence[Mapping[str, Any]]) -> list[str]:
         for a in _metrics(v).get("fairness") or {}:
             if a not in seen:
                 seen.append(a)
-    order = [a for a in ("sex", "age") if a in seen]
+    order: list[str] = [a for a in ("sex", "age") if a in seen]
     order += [a for a in seen if a not in ("sex", "age", COOCCURRENCE)]
     return order + ([COOCCURRENCE] if COOCCURRENCE in seen else [])
 
@@ -288,9 +288,12 @@ def _changes_list(pm: Mapping[str, Any], m: Mapping[str, Any], labels: list[str]
         for what, old, old_ci, new, new_ci, higher_better in cands:
             if not (old_ci and new_ci):  # a change is only claimed with intervals on both sides
                 continue
-            verdict = _verdict(_f(new), new_ci, _f(old), old_ci, higher_better)
+            new_f, old_f = _f(new), _f(old)
+            if new_f is None or old_f is None:
+                continue
+            verdict = _verdict(new_f, new_ci, old_f, old_ci, higher_better)
             if verdict in ("improved", "worse"):
-                rows.append((abs(_f(new) - _f(old)), name, what, _f(old), _f(new), verdict))
+                rows.append((abs(new_f - old_f), name, what, old_f, new_f, verdict))
     if not rows:
         return f'<p class="sub">No per-finding change since {_e(prev)} is outside the bootstrap noise.</p>'
     rows.sort(key=lambda r: -r[0])
@@ -316,11 +319,12 @@ def _biased_list(m: Mapping[str, Any], attrs: list[str]) -> str:
     if not rows:
         return f'<p class="sub">No finding has an EOD of {BIASED_EOD} or more in the latest version.</p>'
     # Confidently biased first: by the interval's lower end where there is one.
-    rows.sort(key=lambda r: -(_f(r[3][0]) if r[3] and _f(r[3][0]) is not None else 0.5 * r[0]))
+    rows.sort(key=lambda r: -(_f(r[3][0]) or 0.0 if r[3] and _f(r[3][0]) is not None else 0.5 * r[0]))
     items = []
     for eod, name, attr, ci, partner in rows[:8]:
         by = f"with vs without {_e(partner)}" if attr == COOCCURRENCE else f"by {_e(attr)}"
-        wide = ci and _f(ci[0]) is not None and _f(ci[1]) is not None and _f(ci[1]) - _f(ci[0]) > 0.5
+        lo, hi = (_f(ci[0]), _f(ci[1])) if ci else (None, None)
+        wide = lo is not None and hi is not None and hi - lo > 0.5
         note = ' <span class="sub">(wide interval: few images)</span>' if wide else ""
         items.append(f'<li><b>{_e(name)}</b> {by}: <span class="bad">EOD {eod:.2f}</span> {_fmt_ci(ci)}{note}</li>')
     more = f" (and {len(rows) - 8} more)" if len(rows) > 8 else ""
@@ -446,7 +450,7 @@ def _cooc_plot(m: Mapping[str, Any], version: str) -> str | None:
     axes = fig.subplots(1, 3)
     blues = _cmap("Blues")
     rdbu = _cmap("RdBu_r")
-    panels = [
+    panels: list[tuple[Any, str, Any, dict[str, Any]]] = [
         (lab, "labels: P(column | row)", blues, {"vmin": 0, "vmax": 1}),
         (pred, "predictions: P(column | row)", blues, {"vmin": 0, "vmax": 1}),
         (diff, "predictions − labels (red = amplified)", rdbu, {"norm": TwoSlopeNorm(0, -0.5, 0.5)}),
@@ -662,6 +666,21 @@ def _history_table(versions: Sequence[Mapping[str, Any]], attrs: list[str]) -> s
     )
 
 
+def _data_notes(m: Mapping[str, Any]) -> str:
+    """What the version could not use or measure, in plain words: skipped regions and unmeasured groups."""
+    notes = []
+    skipped = m.get("regions_skipped") or {}
+    if skipped.get("count"):
+        reasons = "; ".join(f"{_e(r)} ({n})" for r, n in list((skipped.get("reasons") or {}).items())[:8])
+        notes.append(f"{int(skipped['count'])} region(s) or field(s) skipped: {reasons}")
+    for attr, cov in (m.get("fairness_coverage") or {}).items():
+        if not cov.get("measured"):
+            notes.append(f"Equalized Odds by {_e(attr)} not measured: {_e(cov.get('reason'))}")
+    if not notes:
+        return ""
+    return "<h2>Data notes</h2>" + "".join(f"<p class='warn'>{n}</p>" for n in notes)
+
+
 # ------------------------------------------------------------------------------------------- public
 
 
@@ -682,6 +701,7 @@ def render_report_html(versions: Sequence[Mapping[str, Any]]) -> str:
         f"<h1>{title}</h1>",
         f'<p class="sub">{len(versions)} version(s), latest <b>{_e(name)}</b>. Findings: {_e(", ".join(labels))}.</p>',
         _headline(versions, attrs),
+        _data_notes(m),
     ]
     if labels:
         parts += ["<h2>Per-finding quality</h2>", _f1_plot(m, labels, name)]

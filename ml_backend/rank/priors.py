@@ -12,8 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ml_backend.explain.brush_rle import decode_alpha
-from ml_backend.feedback.annotations import IGNORE, AnnotationRecord
+from ml_backend.config import Settings
+from ml_backend.feedback.annotations import IGNORE, AnnotationRecord, decode_region
+
+DECODE_LIMITS = Settings()  # the default pixel and byte limits bound what a stored region may decode to
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,8 @@ def priors_from_records(records: Sequence[AnnotationRecord], labels: Sequence[st
             if key.split("#", 1)[0] != IGNORE:
                 continue
             try:
-                marked = decode_alpha(mask.rle, mask.height, mask.width) > 0
+                # Any region kind (brush, rectangle, polygon, bitmask), at the size it was drawn on.
+                marked = decode_region(mask, mask.width, mask.height, DECODE_LIMITS)
             except ValueError as exc:  # a corrupt mask must not stop the ranking; it is reported instead
                 skipped.append({"task": record.task_id, "reason": f"ignore mask unreadable: {exc}"})
                 continue

@@ -6,8 +6,10 @@ area-averaged onto the backbone's heatmap grid (the alignment term acts on Grad-
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +26,8 @@ class Example:
     evidence: dict[int, np.ndarray] = field(default_factory=dict)  # finding index -> bool/float (H, W)
     key: str = ""  # task id or image name, for logs and splits
     group: str = ""  # e.g. patient id: splits never put one patient on both sides
-    attributes: dict = field(default_factory=dict)  # sex, age... for fairness metrics
+    attributes: dict = field(default_factory=dict)  # patient_id, sex, age (years), site: for fairness metrics
+    skipped: list[dict[str, str]] = field(default_factory=list)  # regions/fields left out: {"where", "code", "reason"}
 
 
 @dataclass
@@ -87,18 +90,37 @@ def tensorise(
 
 
 def holdout_split(examples: Sequence[Example], fraction: float, min_holdout: int = 4) -> tuple[list[int], list[int]]:
-    """Deterministic split by group (hash of patient or task): the same annotation stays on its side
-    across rounds, so a version is never evaluated on images its parent trained on... as far as possible."""
+    """Deterministic split by group (hash of the patient id, or of the task when the task data has none): one
+    patient's images are all on one side, and the same annotation stays on its side across rounds, so a version
+    is never evaluated on images (or patients) its parent trained on... as far as possible."""
     if len(examples) < 2 * min_holdout:
         return list(range(len(examples))), []
     import hashlib
 
-    def bucket(e: Example) -> float:
-        digest = hashlib.sha1((e.group or e.key).encode()).hexdigest()
-        return int(digest[:8], 16) / 0xFFFFFFFF
+    def bucket(group: str) -> float:
+        return int(hashlib.sha1(group.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
 
-    held = [i for i, e in enumerate(examples) if bucket(e) < fraction]
-    if len(held) < min_holdout:
-        held = sorted(range(len(examples)), key=lambda i: bucket(examples[i]))[:min_holdout]
-    train = [i for i in range(len(examples)) if i not in set(held)]
-    return train, held
+    members: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        members.setdefault(e.group or e.key, []).append(i)
+    order = sorted(members, key=lambda g: (bucket(g), g))
+    held_groups = {g for g in order if bucket(g) < fraction}
+    if sum(len(members[g]) for g in held_groups) < min_holdout:  # whole groups, lowest buckets first
+        held_groups, n = set(), 0
+        for g in order:
+            if n >= min_holdout:
+                break
+            held_groups.add(g)
+            n += len(members[g])
+    if len(held_groups) == len(members):  # one patient holds everything: nothing would be left to train on
+        return list(range(len(examples))), []
+    held = sorted(i for g in held_groups for i in members[g])
+    held_set = set(held)
+    return [i for i in range(len(examples)) if i not in held_set], held
+
+
+def skipped_regions_summary(examples: Sequence[Example]) -> dict[str, Any]:
+    """``{"count": n, "reasons": {reason: n}}`` over the regions and fields the examples left out, most frequent
+    reason first: what the version report prints ("2 regions skipped: label 'Foo' is neither ...")."""
+    reasons = Counter(s.get("reason", "") for e in examples for s in e.skipped)
+    return {"count": sum(reasons.values()), "reasons": dict(reasons.most_common())}
