@@ -257,7 +257,7 @@ def part_burst(url: str, conn: Any, burst: int, kept_sizes: dict[int, int]) -> d
         out["phases"][f"kept_heatmaps_{size}"] = result
         print(f"[burst] kept heatmaps {size}x{size}: {json.dumps(result)}", flush=True)
     with httpx.Client(timeout=30) as client:
-        out["app_webhook_stats"] = client.get(url + "/metrics").json()["webhook"]
+        out["app_webhook_stats"] = client.get(url + "/metrics?format=json").json()["webhook"]
     return out
 
 
@@ -335,12 +335,13 @@ class JobWatcher(threading.Thread):
 
     def run(self) -> None:
         from rq.exceptions import NoSuchJobError
-        from rq.job import Job
+
+        from ml_backend.feedback.queue import fetch_job
 
         last = None
         while not self.stop.is_set():
             try:
-                job = Job.fetch(self.job_id, connection=self.conn)
+                job = fetch_job(self.conn, self.job_id)
                 meta = job.get_meta(refresh=False)
                 state = (meta.get("stage"), meta.get("epoch"), job.get_status(refresh=False))
                 if state != last:
@@ -387,9 +388,8 @@ def worker_log_stages(path: Path) -> list[dict[str, Any]]:
 def part_round(app: AppServer, conn: Any, env: dict[str, str], n: int, epochs: int | None, work: Path) -> dict:
     import httpx
     from rq import Worker
-    from rq.job import Job
 
-    from ml_backend.feedback.queue import training_queue
+    from ml_backend.feedback.queue import fetch_job, training_queue
     from ml_backend.models.store import VersionStore
 
     project_id = 7
@@ -492,7 +492,7 @@ def part_round(app: AppServer, conn: Any, env: dict[str, str], n: int, epochs: i
         raise RuntimeError("no version with the whole round answered /predict in time")
 
     all_jobs = sorted(set(job_ids))
-    job = Job.fetch(job_ids[0], connection=conn)
+    job = fetch_job(conn, job_ids[0])
     final = versions_seen[-1]
     meta = store.info(project, final["version"]).meta
     training = meta["training"]

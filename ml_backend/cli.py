@@ -19,20 +19,27 @@ log = logging.getLogger("medebiaser")
 
 def _setup_logging() -> None:
     logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO"),
+        level=Settings.from_env().log_level,
         format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
     )
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ml_backend.feedback.queue import EmbeddedRedis
+    from ml_backend.feedback.queue import EmbeddedRedis, redacted
     from ml_backend.serve.app import create_app
 
     settings = Settings.from_env()
     if args.port:
         settings = replace(settings, port=args.port)
+    if args.host:
+        settings = replace(settings, host=args.host)
+    n_workers = settings.embedded_workers if args.workers is None else args.workers
     embedded: EmbeddedRedis | None = None
     workers: list[subprocess.Popen] = []
     try:
@@ -40,14 +47,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             embedded = EmbeddedRedis(settings.model_dir / "redis")
             url = embedded.start()
             settings = replace(settings, redis_url=url)
+            # With the embedded Redis this process also owns the training workers (they get the URL, password
+            # included, through their environment, never on a command line).
             os.environ["REDIS_URL"] = url
-            # With the embedded Redis this process also owns the training workers.
-            for _ in range(args.workers):
+            for _ in range(n_workers):
                 workers.append(
                     subprocess.Popen([sys.executable, "-m", "ml_backend.cli", "worker"], env=os.environ.copy())
                 )
-            log.info("embedded Redis at %s with %d worker(s)", url, len(workers))
-        uvicorn.run(create_app(settings), host=args.host, port=settings.port, log_level="info")
+            log.info("embedded Redis at %s with %d worker(s)", redacted(url), len(workers))
+        # uvicorn re-raises SIGTERM once it has shut down; with the default handler that would kill this process
+        # before the `finally` below stops the workers and the embedded Redis (leaving them running).
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     finally:
         for worker in workers:
             worker.send_signal(signal.SIGTERM)
@@ -62,20 +73,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from rq import SimpleWorker, Worker
-
-    from ml_backend.feedback.queue import connect, training_queue
+    from ml_backend.feedback.queue import connect, make_worker, redacted
 
     settings = Settings.from_env()
     conn = connect(settings)
     # Import the job code once here rather than in every forked work-horse (7-11 s of torch/timm imports per
     # job). Importing starts no torch thread pool, so forking afterwards stays safe.
     import ml_backend.train.jobs  # noqa: F401
+    from ml_backend.feedback.retrain_policy import schedule_quiet_projects
 
-    worker_class = SimpleWorker if args.in_process else Worker
-    worker = worker_class([training_queue(conn)], connection=conn)
-    log.info("rq worker %s listening on %s", worker.name, settings.redis_url)
-    worker.work(burst=args.burst, logging_level=os.environ.get("LOG_LEVEL", "INFO"))
+    # Between jobs the worker also starts the jobs of projects whose annotations have gone quiet.
+    worker = make_worker(
+        conn, settings, in_process=args.in_process, sweeps=[lambda c: schedule_quiet_projects(c, settings)]
+    )
+    log.info("rq worker %s listening on %s", worker.name, redacted(settings.redis_url or ""))
+    # The scheduler runs retries that wait (JOB_RETRY_INTERVALS_S); one worker at a time holds its lock.
+    worker.work(burst=args.burst, logging_level=settings.log_level, with_scheduler=True)
     return 0
 
 
@@ -86,27 +99,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     conn = connect(settings)
     if args.reconcile:
         conn.set(key(args.project, "reconcile"), "1")
-    job = schedule_training(conn, args.project, reason="cli", reconcile=args.reconcile)
+    job = schedule_training(conn, args.project, reason="cli", reconcile=args.reconcile, settings=settings)
     print(json.dumps({"job_id": job, "note": None if job else "a training job is already queued for this project"}))
     return 0
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     from rq.job import Job
-    from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+    from rq.registry import FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
-    from ml_backend.feedback.queue import connect, training_queue
+    from ml_backend.feedback.queue import JOB_SERIALIZER, KINDS, connect, job_queue
 
-    conn = connect(Settings.from_env())
-    queue = training_queue(conn)
-    ids = {
-        "queued": queue.get_job_ids(),
-        "started": StartedJobRegistry(queue=queue).get_job_ids(),
-        "finished": FinishedJobRegistry(queue=queue).get_job_ids()[-args.limit :],
-        "failed": FailedJobRegistry(queue=queue).get_job_ids()[-args.limit :],
-    }
+    settings = Settings.from_env()
+    conn = connect(settings)
+    ids: dict[str, list[str]] = {"queued": [], "scheduled": [], "started": [], "finished": [], "failed": []}
+    for kind in KINDS:
+        queue = job_queue(conn, kind, settings)
+        ids["queued"] += queue.get_job_ids()
+        ids["scheduled"] += ScheduledJobRegistry(queue=queue).get_job_ids()  # retries waiting for their interval
+        ids["started"] += StartedJobRegistry(queue=queue).get_job_ids()
+        ids["finished"] += FinishedJobRegistry(queue=queue).get_job_ids()[-args.limit :]
+        ids["failed"] += FailedJobRegistry(queue=queue).get_job_ids()[-args.limit :]
     for state, job_ids in ids.items():
-        for job in Job.fetch_many(job_ids, connection=conn):
+        for job in Job.fetch_many(job_ids, connection=conn, serializer=JOB_SERIALIZER):
             if job is None:
                 continue
             meta = {
@@ -114,7 +129,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             }
             print(f"{state:9s} {job.id}  {json.dumps(meta)}")
             if state == "failed" and args.verbose:
-                print(job.latest_result().exc_string if job.latest_result() else "")
+                result = job.latest_result()
+                print(result.exc_string if result is not None else "")
     return 0
 
 
@@ -134,6 +150,9 @@ def cmd_versions(args: argparse.Namespace) -> int:
                 f"annotations={training.get('annotations_used')} macro_f1={metrics.get('macro_f1')} "
                 f"macro_auroc={metrics.get('macro_auroc')}"
             )
+            promotion = info.meta.get("promotion") or {}
+            if promotion and not promotion.get("promote") and info.version != live:
+                print(f"          candidate, not live: {promotion.get('reason')}")
     return 0
 
 
@@ -162,12 +181,12 @@ def cmd_connect(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     try:
         result = connect_project(
-            args.url or settings.label_studio_url,
-            args.api_key or settings.label_studio_api_key,
+            args.url or settings.label_studio_url or "",
+            args.api_key or settings.label_studio_api_key or "",
             args.project,
             args.backend_url,
-            webhook_secret=args.webhook_secret or settings.webhook_secret,
-            basic_auth=(settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None,
+            webhook_secret=args.webhook_secret or settings.webhook_secret or "",
+            basic_auth=(settings.basic_auth_user, settings.basic_auth_pass or "") if settings.basic_auth_user else None,
         )
     except ConnectError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -237,9 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the ML backend (embedded Redis + a worker when REDIS_URL is unset)")
-    serve.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    serve.add_argument("--host", default=None, help="default: $HOST or 127.0.0.1 (0.0.0.0 listens on every interface)")
     serve.add_argument("--port", type=int, default=None, help="default: $PORT or 9090")
-    serve.add_argument("--workers", type=int, default=int(os.environ.get("EMBEDDED_WORKERS", "1")))
+    serve.add_argument(
+        "--workers", type=int, default=None, help="embedded-Redis workers (default $EMBEDDED_WORKERS or 1)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     worker = sub.add_parser("worker", help="run an rq training worker (start more to scale out)")

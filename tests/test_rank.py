@@ -354,7 +354,9 @@ class FakeLabelStudio:
         self.projects = SimpleNamespace(get=self._get_project, update=self._update, import_predictions=self._import)
         self.tasks = SimpleNamespace(list=self._list_tasks)
         self.annotations = SimpleNamespace(list=lambda id: self.annotation_data.get(id, []))
-        self.predictions = SimpleNamespace(list=self._list_predictions, delete=self._delete_prediction)
+        self.predictions = SimpleNamespace(
+            list=self._list_predictions, delete=self._delete_prediction, update=self._update_prediction
+        )
         self.views = SimpleNamespace(list=lambda project: self.view_list, create=self._create_view, update=self._upd)
         self.ml = SimpleNamespace(list=lambda project: [SimpleNamespace(id=1, extra_params=None)])
 
@@ -400,6 +402,10 @@ class FakeLabelStudio:
 
     def _delete_prediction(self, id: int) -> None:
         del self.prediction_data[id]
+
+    def _update_prediction(self, id: int, **fields: Any) -> SimpleNamespace:
+        self.prediction_data[id].update(fields)
+        return SimpleNamespace(id=id, **self.prediction_data[id])
 
     def _create_view(self, project: int, data: dict[str, Any]) -> SimpleNamespace:
         self.view_list.append(SimpleNamespace(id=len(self.view_list) + 1, data=dict(data)))
@@ -471,9 +477,10 @@ def test_ranking_job_writes_scores_reasons_and_switches_the_project(job_setup) -
     # A rerun with nothing new reuses the model outputs and the saved ranking and writes nothing.
     again = rank_project(7, settings, RankOptions(write_batch=4), client=client, conn=conn)
     assert again["written"] == 0 and again["seconds"].get("rank") is None and len(client.prediction_data) == 10
-    # Forced: re-ranked; this version's old predictions are replaced, not piled up.
+    # Forced: re-ranked; this version's predictions are updated in place, not piled up (and never deleted).
+    ids_before = set(client.prediction_data)
     forced = rank_project(7, settings, RankOptions(write_batch=4, force=True), client=client, conn=conn)
-    assert forced["written"] == 10 and forced["deleted_old_predictions"] == 10 and len(client.prediction_data) == 10
+    assert forced["written"] == 10 and forced["updated_in_place"] == 10 and set(client.prediction_data) == ids_before
 
 
 def test_interrupted_write_resumes_without_mixing(job_setup) -> None:
@@ -493,15 +500,18 @@ def test_interrupted_write_resumes_without_mixing(job_setup) -> None:
     assert client.model_version == "v0"
 
 
-def test_prediction_made_meanwhile_is_replaced(job_setup) -> None:
+def test_prediction_made_meanwhile_is_updated_in_place(job_setup) -> None:
     settings, client, conn = job_setup
     # A physician opened task 105 before the ranking: /predict stored a v0 prediction with its own score.
     client.prediction_data[1] = {"task": 105, "result": [], "score": 0.93, "model_version": "v0"}
     client.prediction_data[2] = {"task": 105, "result": [], "score": 0.5, "model_version": "old"}
     summary = rank_project(7, settings, RankOptions(write_batch=20), client=client, conn=conn)
-    assert summary["deleted_old_predictions"] == 1
-    on_task = [p for p in client.prediction_data.values() if p["task"] == 105]
-    assert sorted(p["model_version"] for p in on_task) == ["old", "v0"]  # other versions are history: kept
+    assert summary["updated_in_place"] == 1
+    on_task = {i: p for i, p in client.prediction_data.items() if p["task"] == 105}
+    assert sorted(p["model_version"] for p in on_task.values()) == ["old", "v0"]  # other versions are history
+    # the prediction Label Studio created is kept (same id) and now carries the ranking's score and reason
+    assert 1 in on_task and on_task[1]["score"] == client.scores("v0")[105] != 0.93
+    assert next(r for r in on_task[1]["result"] if r["type"] == "choices")["ranking"]["rank"] >= 1
 
 
 def test_bad_projects_fail_clearly_and_write_nothing(job_setup) -> None:
@@ -534,21 +544,18 @@ def test_baseline_strategies_through_the_job(job_setup) -> None:
 
 
 def test_schedule_ranking_coalesces_and_the_rq_job_reports(redis_url, redis_conn, settings, monkeypatch) -> None:
-    from rq import SimpleWorker
-    from rq.job import Job
-
-    from ml_backend.feedback.queue import training_queue
+    from ml_backend.feedback.queue import fetch_job, make_worker, ranking_queue, training_queue
 
     first = schedule_ranking(redis_conn, "7", "v1")
     assert first is not None and schedule_ranking(redis_conn, "7", "v2") is None  # one queued ranking per project
-    assert training_queue(redis_conn).count == 1
+    assert ranking_queue(redis_conn).count == 1 and training_queue(redis_conn).count == 0  # its own queue
     # The worker runs it against the test file server, which is no Label Studio: a clear "skipped", no crash.
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.setenv("MODEL_DIR", str(settings.model_dir))
     monkeypatch.setenv("LABEL_STUDIO_URL", settings.label_studio_url)
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", settings.label_studio_api_key)
-    SimpleWorker([training_queue(redis_conn)], connection=redis_conn).work(burst=True)
-    job = Job.fetch(first, connection=redis_conn)
+    make_worker(redis_conn, replace(settings, redis_url=redis_url), in_process=True).work(burst=True)
+    job = fetch_job(redis_conn, first)
     assert job.get_status() == "finished", job.latest_result().exc_string if job.latest_result() else None
     assert job.return_value() == {"status": "skipped", "reason": "Label Studio has no project 7"}
     assert redis_conn.get("mdb:7:rank-queued") is None  # the job released its marker

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from rq.job import Job
 from test_feedback import annotation_event
 
-from ml_backend.feedback.queue import training_queue
+from ml_backend.feedback.queue import JOB_SERIALIZER, training_queue
 from ml_backend.models.store import VersionStore
 from ml_backend.serve.app import create_app
 
@@ -119,19 +119,20 @@ def test_webhook_to_new_version_served_by_predict(loop_env, redis_conn, ls_reque
         assert queue.count == 1
 
         run_worker_burst(env)
-        job = Job.fetch(job_ids.pop(), connection=redis_conn)
+        job = Job.fetch(job_ids.pop(), connection=redis_conn, serializer=JOB_SERIALIZER)
         result = job.return_value()
         assert job.get_status() == "finished", job.latest_result().exc_string if job.latest_result() else None
         assert result["status"] == "trained" and result["version"] == "v1"
         assert job.meta["stage"] == "done" and job.meta["epoch"] == 1 and job.meta["loss"] > 0
         reasons = {s["task"]: s["reason"] for s in result["skipped"]}
-        assert "HTTP 404" in reasons[900] and "mask 'Effusion' is 128x128 but the image is 64x64" in reasons[901]
+        assert "HTTP 404" in reasons[900] and 901 not in reasons  # a bad region no longer drops its annotation:
+        assert result["regions_skipped"]["reasons"] == {"mask is 128x128 but the image is 64x64": 1}  # it is skipped
 
         info = VersionStore(settings.model_dir).info("5", "v1")
         training = info.meta["training"]
         # every annotation acknowledged before the job started is in its training set
         assert training["task_ids"] == sorted([500 + i for i in range(len(records))] + [900, 901])
-        assert training["annotations_used"] + training["holdout"] == len(records)
+        assert training["annotations_used"] + training["holdout"] == len(records) + 1  # + 901, without its mask
         assert training["masked_ignore"] > 0 and training["masked_evidence_pairs"] > 0
         assert training["history"][0]["prediction"] > 0 and "ignore_gradient" in training["history"][0]
         assert info.meta["parent"] == "v0" and info.meta["metrics"]["n_images"] == training["holdout"]
@@ -160,7 +161,7 @@ def test_webhook_to_new_version_served_by_predict(loop_env, redis_conn, ls_reque
 
         again = schedule_training(redis_conn, "5", reason="test")
         run_worker_burst(env)
-        assert Job.fetch(again, connection=redis_conn).return_value()["status"] == "skipped"
+        assert Job.fetch(again, connection=redis_conn, serializer=JOB_SERIALIZER).return_value()["status"] == "skipped"
 
         # rollback with the CLI; the server serves the old version on its next request
         cli = subprocess.run(
@@ -200,7 +201,7 @@ def test_killed_training_leaves_the_live_version_intact(loop_env, redis_conn) ->
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            job = Job.fetch(job_id.decode(), connection=redis_conn) if job_id else None
+            job = Job.fetch(job_id.decode(), connection=redis_conn, serializer=JOB_SERIALIZER) if job_id else None
             if job and job.get_meta(refresh=True).get("stage") == "training" and job.meta.get("epoch", 0) >= 1:
                 break
             time.sleep(0.2)
@@ -223,7 +224,7 @@ def test_killed_training_leaves_the_live_version_intact(loop_env, redis_conn) ->
     run_worker_burst(env)
     # rq re-queues the abandoned job when a worker cleans its registries: whichever job runs first trains
     # on every annotation, the other finds nothing new. Exactly one new version, complete and live.
-    outcome = Job.fetch(job_id, connection=redis_conn).return_value()
+    outcome = Job.fetch(job_id, connection=redis_conn, serializer=JOB_SERIALIZER).return_value()
     assert outcome["status"] in ("trained", "skipped"), outcome
     assert [v.version for v in store.list_versions("5")] == ["v0", "v1"]
     assert store.live_version("5") == "v1"

@@ -10,9 +10,11 @@ Stages (each logged, and kept in the rq job's meta and in Redis ``mdb:<p>:rank``
 4. priors from the annotations so far (the backend's annotation store, else Label Studio): label counts,
    co-occurrence, the ignore-mask prior;
 5. rank every candidate (``rank_candidates``) and save the ranking before anything is written;
-6. write, top of the queue first, in chunks: delete this version's older predictions on the chunk's tasks,
-   then bulk-import one prediction per task (``/predict``'s result format, heatmaps included) whose ``score``
-   is ``1 - rank / N`` and whose findings result carries ``ranking`` (rank, reason, signals);
+6. write, top of the queue first, in chunks, one prediction per task (``/predict``'s result format, heatmaps
+   included) whose ``score`` is ``1 - rank / N`` and whose findings result carries ``ranking`` (rank, reason,
+   signals): a task that already holds a prediction of this version (opened meanwhile, or ranked before) has
+   it updated in place, the others get theirs bulk-imported; nothing is deleted, so no task is ever without
+   a prediction of the version;
 7. point the project at the version (the "Prediction score" column averages only that version's scores) and
    create or fix the "Review queue" tab ordered by prediction score.
 
@@ -31,7 +33,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,7 +54,6 @@ from ml_backend.serve.predictor import Predictor, run_model
 
 log = logging.getLogger(__name__)
 
-CONFIG_ENV = "RANKING_CONFIG"
 JOB_FUNCTION = "ml_backend.rank.job.rank_project_job"
 _TASK_FIELDS = "id,data,total_annotations,cancelled_annotations,total_predictions,predictions_model_versions"
 
@@ -89,10 +89,11 @@ def load_rank_config(
     path: str | os.PathLike[str] | None = None,
     project_overrides: dict[str, Any] | None = None,
     strategy: str | None = None,
+    settings: Settings | None = None,
 ) -> RankConfig:
     """Defaults < file (``path`` or $RANKING_CONFIG) < the project's settings < the command line."""
-    path = path or os.environ.get(CONFIG_ENV) or None
-    config = RankConfig.from_file(path) if path else RankConfig()
+    chosen = Path(path) if path else (settings or Settings.from_env()).ranking_config
+    config = RankConfig.from_file(chosen) if chosen else RankConfig()
     config = config.merged(project_overrides)
     return config.merged({"strategy": strategy}) if strategy else config
 
@@ -166,7 +167,7 @@ class RankCheckpoint:
         }
         fd, tmp = tempfile.mkstemp(prefix=".outputs-", suffix=".npz", dir=self.dir)
         with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
+            np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
         os.replace(tmp, self.dir / f"outputs-{time.time_ns()}-{batch[0].task_id}.npz")
 
     def _read(self, name: str) -> dict[str, Any] | None:
@@ -273,19 +274,26 @@ def _labelled_records(
         return [r for r in pool.map(one, labelled) if r is not None]
 
 
-def _delete_version_predictions(client: Any, task_ids: Sequence[int], version: str) -> int:
-    """Delete the predictions of ``version`` on these tasks (other versions stay: they are the history)."""
+def _update_version_predictions(client: Any, payload: Sequence[dict[str, Any]], version: str) -> list[dict[str, Any]]:
+    """Rewrite, in place, the newest prediction of ``version`` on each task that has one; returns the rest.
 
-    def one(task_id: int) -> int:
-        stale = [p for p in client.predictions.list(task=int(task_id)) if p.model_version == version]
-        for prediction in stale:
-            client.predictions.delete(id=int(prediction.id))
-        return len(stale)
+    In place (never delete and re-import): a task opened meanwhile holds a prediction Label Studio created
+    through /predict, and between a delete and an import the task would have no prediction of the live
+    version, so Label Studio would predict it again. Older duplicates and other versions stay as history.
+    """
 
-    if not task_ids:
-        return 0
-    with ThreadPoolExecutor(max_workers=min(8, len(task_ids))) as pool:
-        return sum(pool.map(one, task_ids))
+    def one(item: dict[str, Any]) -> dict[str, Any] | None:
+        own = [p for p in client.predictions.list(task=int(item["task"])) if p.model_version == version]
+        if not own:
+            return item
+        newest = max(own, key=lambda p: int(p.id))
+        client.predictions.update(id=int(newest.id), result=item["result"], score=item["score"])
+        return None
+
+    if not payload:
+        return []
+    with ThreadPoolExecutor(max_workers=min(8, len(payload))) as pool:
+        return [item for item in pool.map(one, payload) if item is not None]
 
 
 # ------------------------------------------------------------------------------------------------ the job
@@ -365,7 +373,10 @@ def _rank(run: _Run) -> dict[str, Any]:
     except LabelConfigError as exc:
         raise RankError(f"project {run.project_id}: label config unusable for ranking: {exc}") from exc
     config = load_rank_config(
-        run.options.config_path, project_ranking_settings(run.client, run.project_id), run.options.strategy
+        run.options.config_path,
+        project_ranking_settings(run.client, run.project_id),
+        run.options.strategy,
+        settings=run.settings,
     )
     unknown = config.unknown_findings(schema.findings)
     if unknown:
@@ -419,7 +430,7 @@ def _rank(run: _Run) -> dict[str, Any]:
     if run.options.dry_run:
         return _done(run, "dry-run", version, started=started, **summary_extra)
 
-    written, deleted = _write(run, loaded, schema, ranking, checkpoint, outputs)
+    written, updated = _write(run, loaded, schema, ranking, checkpoint, outputs)
     switched, view_id = _switch(run, version)
     if view_id is not None or switched:
         checkpoint.prune_other_versions()
@@ -429,7 +440,7 @@ def _rank(run: _Run) -> dict[str, Any]:
         version,
         started=started,
         written=written,
-        deleted_old_predictions=deleted,
+        updated_in_place=updated,
         model_version_set=switched,
         view_id=view_id,
         **summary_extra,
@@ -602,7 +613,7 @@ def _write(
     run.progress(stage="writing predictions", written=first, total=len(items))
     predictor = Predictor(run.settings)
     version = ranking["version"]
-    deleted = 0
+    updated = 0
     written = first
     try:
         for start in range(first, len(items), run.options.write_batch):
@@ -615,15 +626,17 @@ def _write(
             gone = [i["task"] for i in chunk if i["task"] not in current]
             run.skipped.extend({"task": t, "reason": "task deleted during ranking"} for t in gone)
             chunk = [i for i in chunk if i["task"] in current]
-            stale = [t for t in (i["task"] for i in chunk) if version in _versions(current[t])]
-            deleted += _delete_version_predictions(run.client, stale, version)
+            has_own = {t for t in (i["task"] for i in chunk) if version in _versions(current[t])}
 
             def build(item: dict[str, Any]) -> dict[str, Any]:
                 return _prediction(predictor, schema, loaded, outputs[item["task"]], item, ranking["strategy"])
 
             payload = list(predictor.pool.map(build, chunk))
-            if payload:
-                run.client.projects.import_predictions(id=run.project_id, request=payload)
+            fresh = [p for p in payload if p["task"] not in has_own]
+            left = _update_version_predictions(run.client, [p for p in payload if p["task"] in has_own], version)
+            updated += len(payload) - len(fresh) - len(left)
+            if fresh or left:  # `left`: its prediction went away since the listing
+                run.client.projects.import_predictions(id=run.project_id, request=fresh + left)
             written = start + len(items[start : start + run.options.write_batch])
             checkpoint.save_progress(ranking["key"], written=written, done=False)
             run.progress(force_log=False, stage="writing predictions", written=written, total=len(items))
@@ -632,7 +645,7 @@ def _write(
         predictor.http.close()
     checkpoint.save_progress(ranking["key"], written=len(items), done=True)
     _timed(run, "write", t0)
-    return written - first, deleted
+    return written - first, updated
 
 
 def _prediction(
@@ -681,66 +694,36 @@ def _switch(run: _Run, version: str) -> tuple[bool, int | None]:
 
 # ------------------------------------------------------------------------------------------------ rq
 def schedule_ranking(
-    conn: Any, project: str, version: str | None = None, *, reason: str = "new model version"
+    conn: Any,
+    project: str,
+    version: str | None = None,
+    *,
+    reason: str = "new model version",
+    settings: Settings | None = None,
 ) -> str | None:
     """Enqueue a ranking job unless one is already queued for the project (it ranks the version live when it
     starts). Returns the job id, or None."""
-    from rq.exceptions import NoSuchJobError
-    from rq.job import Job, JobStatus
+    from ml_backend.feedback.queue import RANKING, schedule
 
-    from ml_backend.feedback.queue import key, training_queue
-
-    queued_key = key(project, "rank-queued")
-    job_id = f"rank-{project}-{uuid.uuid4().hex[:12]}"
-    if not conn.set(queued_key, job_id, nx=True):
-        existing = conn.get(queued_key)
-        if existing is not None:
-            try:
-                status = Job.fetch(existing.decode(), connection=conn).get_status(refresh=False)
-            except NoSuchJobError:
-                status = None
-            if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
-                return None
-        conn.set(queued_key, job_id)
-    training_queue(conn).enqueue(
-        JOB_FUNCTION,
-        project,
-        version,
-        job_id=job_id,
-        description=f"rank project {project} ({reason})",
-        meta={"project": project, "stage": "queued", "kind": "ranking", "version": version},
-        result_ttl=7 * 86400,
-        failure_ttl=7 * 86400,
-        job_timeout=6 * 3600,
-    )
-    log.info("project %s: queued ranking job %s (%s)", project, job_id, reason)
-    return job_id
+    return schedule(conn, RANKING, project, version, reason=reason, meta={"version": version}, settings=settings)
 
 
 def rank_project_job(project: str, version: str | None = None, settings: Settings | None = None) -> dict[str, Any]:
-    """The rq job: one ranking per project at a time; ranks the live version."""
-    from rq import get_current_job
-
-    from ml_backend.feedback.queue import acquire_project_lock, connect, key, release
+    """The rq job: one ranking per project at a time (its own lock: ranking never waits for a training job,
+    nor blocks one); ranks the live version."""
+    from ml_backend.feedback.queue import RANKING, coalesced_run, connect
 
     settings = settings or Settings.from_env()
     conn = connect(settings)
-    job = get_current_job()
-    job_id = job.id if job else f"inline-{os.getpid()}-{time.time()}"
-    lock_name = f"{project}-rank"  # its own lock: ranking never waits for a training job, nor blocks one
-    heartbeat = acquire_project_lock(conn, lock_name, job_id)
-    try:
-        release(conn, key(project, "rank-queued"), job_id)
+    with coalesced_run(conn, RANKING, project, settings):
         live = VersionStore(settings.model_dir).live_version(project)
         if version is not None and live is not None and live != version:
             log.info("project %s: ranking %s instead of %s (a newer version went live)", project, live, version)
-        return rank_project(project, settings, conn=conn)
-    except RankError as exc:
-        log.warning("project %s: ranking skipped: %s", project, exc)
-        return {"status": "skipped", "reason": str(exc)}
-    finally:
-        heartbeat.set()
-        release(conn, key(lock_name, "lock"), job_id)
+        try:
+            return rank_project(project, settings, conn=conn)
+        except RankError as exc:
+            log.warning("project %s: ranking skipped: %s", project, exc)
+            return {"status": "skipped", "reason": str(exc)}
 
 
 def describe(summary: dict[str, Any], top: int = 10) -> str:
