@@ -31,6 +31,7 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check ml_backend tests bench
 	$(BIN)/ruff format --check ml_backend tests bench
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python bench/run_all.py

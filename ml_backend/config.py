@@ -22,6 +22,40 @@ def _env_str(name: str, default: str | None = None) -> str | None:
     return raw if raw not in (None, "") else default
 
 
+def _env_on(name: str, default: bool) -> bool:
+    raw = _env_str(name)
+    return default if raw is None else raw.lower() not in ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """What one training job does (README: TRAIN_*, *_LOSS_WEIGHT, COUNTERFACTUALS, MASK_PROPAGATION)."""
+
+    epochs: int = 5
+    batch_size: int = 16
+    lr: float = 3e-4
+    prediction_loss: str = "wbce"
+    ignore_weight: float = 0.1
+    evidence_weight: float = 0.1
+    counterfactuals: bool = True
+    artefact_paste_rate: float = 0.5
+    mask_propagation: bool = True
+
+    @classmethod
+    def from_env(cls) -> TrainingSettings:
+        return cls(
+            epochs=_env_int("TRAIN_EPOCHS", 5),
+            batch_size=_env_int("TRAIN_BATCH_SIZE", 16),
+            lr=_env_float("TRAIN_LR", 3e-4),
+            prediction_loss=_env_str("PRED_LOSS", "wbce") or "wbce",
+            ignore_weight=_env_float("IGNORE_LOSS_WEIGHT", 0.1),
+            evidence_weight=_env_float("EVIDENCE_LOSS_WEIGHT", 0.1),
+            counterfactuals=_env_on("COUNTERFACTUALS", True),
+            artefact_paste_rate=_env_float("ARTEFACT_PASTE_RATE", 0.5),
+            mask_propagation=_env_on("MASK_PROPAGATION", True),
+        )
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the backend, the worker and the CLI read from the environment."""
@@ -58,6 +92,16 @@ class Settings:
     fetch_per_host: int = 8  # in-flight image fetches to one host, all requests together
     # Resource caps for callers the backend cannot trust (see README "Security"): request bodies, projects, disk.
     max_body_bytes: int = 32 * 1024 * 1024
+    # The promotion gate (ml_backend/train/promotion.py): a version goes live only when it is no worse and no
+    # more biased than its parent on the held-out patients.
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    promotion_gate: bool = True
+    promotion_min_holdout: int = 4
+    # When a job starts (ml_backend/feedback/retrain_policy.py): this many new annotations, START_TRAINING, or
+    # this long without a new one.
+    ranking_config: Path | None = None  # JSON/YAML weighting findings and ranking signals (RANKING_CONFIG)
+    retrain_min_annotations: int = 10
+    retrain_quiet_s: float = 600.0
     max_projects: int = 100
     max_model_dir_bytes: int = 20 * 1024**3
     # Serving and jobs (ml_backend/feedback/queue.py): where `serve` listens, how jobs survive a dead worker.
@@ -113,6 +157,12 @@ class Settings:
                 if k.strip() and v.strip()
             },
             max_body_bytes=_env_int("MAX_BODY_BYTES", 32 * 1024 * 1024),
+            training=TrainingSettings.from_env(),
+            promotion_gate=_env_on("PROMOTION_GATE", True),
+            promotion_min_holdout=_env_int("PROMOTION_MIN_HOLDOUT", 4),
+            ranking_config=Path(raw) if (raw := _env_str("RANKING_CONFIG")) else None,
+            retrain_min_annotations=_env_int("RETRAIN_MIN_ANNOTATIONS", 10),
+            retrain_quiet_s=_env_float("RETRAIN_QUIET_S", 600.0),
             max_projects=_env_int("MAX_PROJECTS", 100),
             max_model_dir_bytes=_env_int("MAX_MODEL_DIR_BYTES", 20 * 1024**3),
             host=_env_str("HOST", "127.0.0.1") or "127.0.0.1",

@@ -144,13 +144,9 @@ def test_a_job_without_held_out_patients_keeps_a_candidate_that_activate_promote
         v1 = next(v for v in summary["versions"] if v["version"] == "v1")
         assert summary["live"] == "v0" and v1["promoted"] is False and "candidate" in v1["promotion"]
     env = {"MODEL_DIR": str(configured.model_dir)}
-    listing = subprocess.run(
-        [sys.executable, "-m", "ml_backend.cli", "versions", "--project", "31"], env={**os.environ, **env}, capture_output=True,
-        text=True, timeout=120, check=True,
-    ).stdout  # fmt: skip
+    command = [sys.executable, "-m", "ml_backend.cli", "versions", "--project", "31"]
+    listing = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True, timeout=120).stdout
     assert "candidate, not live" in listing
-    subprocess.run(
-        [sys.executable, "-m", "ml_backend.cli", "activate", "31", "v1"], env={**os.environ, **env}, check=True,
-        timeout=120, capture_output=True,
-    )  # fmt: skip
+    command = [sys.executable, "-m", "ml_backend.cli", "activate", "31", "v1"]
+    subprocess.run(command, env={**os.environ, **env}, check=True, timeout=120, capture_output=True)
     assert VersionStore(configured.model_dir).live_version("31") == "v1"

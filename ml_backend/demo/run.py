@@ -8,7 +8,9 @@ What it does, in order (everything under ``var/demo/``, git-ignored):
    Effusion (``bootstrap.py``; once, cached), while Label Studio starts;
 3. starts Label Studio (``.ls-venv``) with local-file serving, and SSRF protection off for the local backend;
 4. starts ``medebiaser serve`` (backend + embedded Redis + a training worker) with a generated webhook secret;
-5. creates the project from ``label_config/chest_xray.xml`` (or reuses it), a local-files storage, the tasks;
+5. creates the project from ``label_config/chest_xray_bitmask.xml`` (``BitmaskLabels``: heatmaps as PNG, ~15x
+   lighter than the brush RLE of ``chest_xray.xml`` at clinical resolution; or reuses it), a local-files storage,
+   the tasks;
 6. connects the backend (``connect_project``: ML backend, webhook with ``X-Webhook-Secret``, review tab);
 7. predicts the unlabelled tasks: ``medebiaser rank`` where ml_backend.rank exists (ranked predictions with
    heatmaps, project pointed at the version, "Review queue" tab), else Label Studio's "Retrieve predictions"
@@ -48,10 +50,18 @@ from ml_backend.demo.setup import DemoError, LabelStudioAPI, image_tasks
 
 log = logging.getLogger("medebiaser.demo")
 
-DEFAULT_LABEL_CONFIG = PROJECT_ROOT / "label_config" / "chest_xray.xml"
+DEFAULT_LABEL_CONFIG = PROJECT_ROOT / "label_config" / "chest_xray_bitmask.xml"
 # Backend settings that keep the demo quick on a laptop CPU (128 px input, an 8x8 heatmap grid); the user's
 # environment overrides them.
-DEMO_BACKEND_DEFAULTS = {"TRAIN_EPOCHS": "3", "INPUT_SIZE": "128", "OUTPUT_STRIDE": "16", "LOG_LEVEL": "INFO"}
+DEMO_BACKEND_DEFAULTS = {
+    "TRAIN_EPOCHS": "3",
+    "INPUT_SIZE": "128",
+    "OUTPUT_STRIDE": "16",
+    "LOG_LEVEL": "INFO",
+    # A demo session is short: train after 5 corrections or a minute without one (production: 10 / 600 s).
+    "RETRAIN_MIN_ANNOTATIONS": "5",
+    "RETRAIN_QUIET_S": "60",
+}
 
 
 @dataclass
@@ -206,7 +216,7 @@ class Demo:
         from ml_backend.io.label_config import parse_label_config
         from ml_backend.models.store import VersionStore
 
-        self._bootstrap: dict[str, Any] = {}
+        self._bootstrap = {}
         if not self.options.bootstrap or self.options.images:
             return
         project_id = state.projects.get(str(image_dir))
@@ -383,7 +393,8 @@ class Demo:
             f"  ML backend     {self.backend.url}   (/versions, /metrics, /report?project={project_id})",
             f"  logs           {self.ls.log_path}, {self.backend.log_path}",
             "",
-            "Open a task: the model's findings are pre-ticked and each finding's heatmap is a brush region.",
+            "Open a task: the model's findings are pre-ticked and each finding's heatmap is a bitmask region",
+            "(select it in the Regions list; its probability is in the region's meta).",
             "Fix the findings, erase heat where the evidence is not, paint 'Ignore' over markers, Submit:",
             "the backend retrains in the background and this demo fetches the new version's predictions.",
             "Ctrl-C stops Label Studio, the backend, its worker and Redis.",

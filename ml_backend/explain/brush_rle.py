@@ -195,7 +195,7 @@ class _BitReader:
         self.bytes = self.raw.tobytes()
         # overlapping 64-bit windows, one per byte offset (a strided view, no copy). Gathering them as
         # little-endian and byte-swapping the gathered copy is ~2x faster than gathering as '>u8'.
-        self.windows = np.ndarray((len(data) + 1,), dtype="<u8", buffer=self.raw, strides=(1,))
+        self.windows: np.ndarray = np.ndarray((len(data) + 1,), dtype="<u8", buffer=self.raw, strides=(1,))
 
     def window(self, pos: np.ndarray) -> np.ndarray:
         """64-bit words whose MSB is the bit at ``pos`` (the top >= 57 bits are valid)."""

@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ml_backend.models.classifier import timm_api
+
 
 def linear_head(model: nn.Module) -> nn.Linear | None:
     """The classifier if ``forward_head`` is exactly avg-pool + linear (checked numerically), else None."""
-    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    classifier = timm_api(model).get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(classifier, nn.Linear) or not hasattr(model, "forward_head"):
         return None
     was_training = model.training
@@ -26,7 +28,7 @@ def linear_head(model: nn.Module) -> nn.Linear | None:
         with torch.no_grad():
             param = next(model.parameters())
             features = torch.randn(2, classifier.in_features, 3, 5, device=param.device, dtype=param.dtype)
-            expected = model.forward_head(features)
+            expected = timm_api(model).forward_head(features)
             via_cam = _cam_logits(features, classifier)[0]
             if expected.shape != via_cam.shape:
                 return None
@@ -58,7 +60,7 @@ class HeatmapExplainer:
         return self.classifier is not None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(x)
+        return timm_api(self.model).forward_features(x)
 
     def logits_and_cams(self, x: torch.Tensor, *, relu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, K) logits and (B, K, h, w) Grad-CAM maps on the backbone's last feature grid.
@@ -82,7 +84,7 @@ class HeatmapExplainer:
         # Samples are independent in eval mode, so the gradient of the batch sum gives each sample's gradient.
         feats = features.detach().requires_grad_(True)
         with torch.enable_grad():
-            logits = self.model.forward_head(feats)
+            logits = timm_api(self.model).forward_head(feats)
             maps = []
             for k in range(logits.shape[1]):
                 (grad,) = torch.autograd.grad(logits[:, k].sum(), feats, retain_graph=k < logits.shape[1] - 1)
@@ -115,11 +117,12 @@ def reference_gradcam(model: nn.Module, x: torch.Tensor, num_findings: int) -> t
     maps = []
     for k in range(num_findings):
         inputs = x.clone().requires_grad_(True)
-        features = model.forward_features(inputs)
+        features = timm_api(model).forward_features(inputs)
         features.retain_grad()
-        logits = model.forward_head(features)
+        logits = timm_api(model).forward_head(features)
         model.zero_grad()
         logits[:, k].sum().backward()
+        assert features.grad is not None  # retain_grad above: backward filled it
         weights = features.grad.mean(dim=(2, 3), keepdim=True)
         maps.append(F.relu((weights * features).sum(dim=1)).detach())
     return torch.stack(maps, dim=1)

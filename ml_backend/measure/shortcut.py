@@ -65,7 +65,7 @@ def stamp_marker(
 
 def shortcut_dependence(
     predict: Callable[[Sequence[np.ndarray]], np.ndarray],
-    images: Sequence[np.ndarray],
+    images: Sequence[np.ndarray] | np.ndarray,
     finding_index: int,
     seed: int = 0,
     kinds: Sequence[str] = MARKER_KINDS,

@@ -69,7 +69,7 @@ def load_manifest_folder(folder: Path, findings: Sequence[str] = DEFAULT_FINDING
             if region.get("label") in findings:
                 k = findings.index(region["label"])
                 shape = region.get("polygon") or region.get("xyxy")
-                mask = polygon_mask(shape, record.get("coord_space", 1024), image.shape)
+                mask = polygon_mask(shape, record.get("coord_space", 1024), (int(image.shape[0]), int(image.shape[1])))
                 masks[k] = masks[k] | mask if k in masks else mask
         regions.append(masks)
     return LabelledImages(
@@ -179,7 +179,7 @@ def train(model: torch.nn.Module, tensors, config: TrainConfig, seed: int) -> Tr
     return fine_tune(model, tensors, replace(config, seed=seed))
 
 
-def probabilities(model: torch.nn.Module, spec: ModelSpec, images: Sequence[np.ndarray]) -> np.ndarray:
+def probabilities(model: torch.nn.Module, spec: ModelSpec, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
     mean, std = normalisation(model)
     return predict_probabilities(model, to_input_tensor(list(images), spec.input_size, mean, std))
 

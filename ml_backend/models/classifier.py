@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 import numpy as np
 import timm
@@ -13,6 +14,20 @@ import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+
+class TimmModel(Protocol):
+    """The part of timm's model API the backend relies on (timm's models share it but no typed base class)."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor: ...
+    def get_classifier(self) -> nn.Module: ...
+    def forward_intermediates(self, x: torch.Tensor, **kwargs: Any) -> list[torch.Tensor]: ...
+
+
+def timm_api(model: nn.Module) -> TimmModel:
+    """``model`` seen through timm's API, for the type checker (no runtime check: timm guarantees it)."""
+    return cast(TimmModel, model)
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ml_backend.config import Settings
 from ml_backend.explain.cam import HeatmapExplainer
-from ml_backend.models.classifier import build_classifier, normalisation, pick_device
+from ml_backend.models.classifier import build_classifier, normalisation, pick_device, timm_api
 from ml_backend.models.store import VersionInfo, VersionStore
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def remap_head(model: nn.Module, old_labels: tuple[str, ...], new_labels: tuple[
     """A model for a new label set that keeps the backbone and the head rows of findings it already knew."""
     new_model = build_classifier(meta["backbone"], len(new_labels), output_stride=meta.get("output_stride", 32))
     old_state = model.state_dict()
-    head = new_model.get_classifier()
+    head = timm_api(new_model).get_classifier()
     head_names = {name for name, module in new_model.named_modules() if module is head}
     prefix = next(iter(head_names)) + "."
     new_state = new_model.state_dict()
@@ -169,8 +169,8 @@ class ModelRegistry:
         if source != "hub" and source != "init0":
             path = Path(source)
             stat = path.stat() if path.is_file() else None
-            source = hashlib.sha256(f"{path.resolve()}:{stat and stat.st_size}:{stat and stat.st_mtime_ns}".encode())
-            source = source.hexdigest()[:16]
+            identity = f"{path.resolve()}:{stat and stat.st_size}:{stat and stat.st_mtime_ns}"
+            source = hashlib.sha256(identity.encode()).hexdigest()[:16]
         return f"{self.settings.backbone}-k{n_labels}-s{self.settings.output_stride}-{source}"
 
     def get(

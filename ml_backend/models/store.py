@@ -103,7 +103,7 @@ class VersionStore:
             match = _VERSION.match(path.name)
             if match and (path / "meta.json").is_file():
                 infos.append(VersionInfo(project, path.name, path, json.loads((path / "meta.json").read_text())))
-        return sorted(infos, key=lambda info: int(_VERSION.match(info.version).group(1)))
+        return sorted(infos, key=lambda info: int(info.version[1:]))  # names matched _VERSION: v<n>
 
     def projects(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []

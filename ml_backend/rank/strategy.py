@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ml_backend.models.classifier import timm_api
+
 __all__ = [
     "HEATMAP_PARTS",
     "SIGNALS",
@@ -768,7 +770,7 @@ def mc_dropout_probabilities(
             with torch.no_grad():
                 for start in range(0, len(images), batch_size):
                     batch = images[start : start + batch_size].to(param.device, param.dtype)
-                    pooled.append(model.forward_features(batch).float().mean(dim=(2, 3)).cpu())
+                    pooled.append(timm_api(model).forward_features(batch).float().mean(dim=(2, 3)).cpu())
             if not pooled:
                 return np.zeros((passes, 0, head.out_features), dtype=np.float32)
             return mc_probabilities_from_features(torch.cat(pooled), head, passes, drop, seed)
@@ -790,7 +792,7 @@ def _mc_full_passes(
         for m in dropouts:
             m.p = rate
         if saved_attr is not None:
-            model.drop_rate = rate
+            setattr(model, "drop_rate", rate)  # noqa: B010 - timm's attribute, unknown to nn.Module's typing
     try:
         model.train()
         for module in model.modules():  # BatchNorm in eval: MC dropout samples weights, not batch statistics

@@ -56,11 +56,11 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return _parse_json(await request.body())
 
 
-def _schema(config: Any) -> ProjectSchema:
+def _schema(config: Any, settings: Settings) -> ProjectSchema:
     if not isinstance(config, str):
         raise RequestError(400, "label config missing: expected a string in 'label_config' (or 'schema' on /setup)")
     try:
-        return parse_label_config(config)
+        return parse_label_config(config, ignore_labels=settings.ignore_labels)
     except LabelConfigError as exc:
         raise RequestError(422, f"label config unusable: {exc}") from None
 
@@ -107,7 +107,10 @@ class _Routes:
     async def setup(self, request: Request) -> dict[str, Any]:
         body = await _json_body(request)
         project = _project(body.get("project"))
-        schema = _schema(body.get("schema", body.get("label_config")))
+        config = body.get("schema", body.get("label_config"))
+        _schema(config, self.settings)  # a 4xx for a missing or unusable config, before anything is recorded
+        # Records the ignore labels the project declares in its extra params and logs how each label is read.
+        schema = await run_in_threadpool(self.webhook.setup_project, project, str(config), body.get("extra_params"))
         version = await run_in_threadpool(_model_call, self.registry.ensure_version, project, schema.findings)
         self.schemas[project] = schema
         return {"model_version": version}
@@ -120,7 +123,7 @@ class _Routes:
         project = _project(body.get("project"))
         config = body.get("label_config")
         known = self.schemas.get(project)
-        schema = known if config is None and known is not None else _schema(config)
+        schema = known if config is None and known is not None else _schema(config, self.settings)
         if not tasks:
             return JSONResponse({"results": []})
         loaded = await run_in_threadpool(
@@ -159,7 +162,7 @@ class _Routes:
             return {}
         try:
             project = project_key(project_body)
-            schema = parse_label_config(config)
+            schema = parse_label_config(config, ignore_labels=self.settings.ignore_labels)
             version = self.registry.ensure_version(project, schema.findings)
         except (ValueError, ProjectQuotaExceeded, StorageQuotaExceeded) as exc:  # recorded; the model stays
             return {"model_version_error": str(exc)[:300]}
@@ -168,7 +171,7 @@ class _Routes:
 
     async def versions(self, project: str | None = None) -> dict[str, Any]:
         projects = [_project(project)] if project else self.store.projects()
-        detail = {
+        detail: dict[str, dict[str, Any]] = {
             p: {
                 "live": self.store.live_version(p),
                 "versions": [_version_summary(v.meta) for v in self.store.list_versions(p)],
@@ -290,4 +293,7 @@ def _version_summary(meta: dict[str, Any]) -> dict[str, Any]:
         "annotations": training.get("annotations_used"),
         "macro_f1": metrics.get("macro_f1"),
         "macro_auroc": metrics.get("macro_auroc"),
+        # A version the promotion gate kept back says why; `medebiaser activate` can still make it live.
+        "promoted": (meta.get("promotion") or {}).get("promote"),
+        "promotion": (meta.get("promotion") or {}).get("reason"),
     }

@@ -44,6 +44,12 @@ class _StatsCollector(Collector):
             if outcome != "jobs_enqueued":
                 webhook.add_metric([outcome], float(count))
         yield webhook
+        skipped = CounterMetricFamily(
+            "medebiaser_webhook_skipped_items", "Regions and fields skipped at the webhook, by reason", labels=["code"]
+        )
+        for code, count in sorted((self._webhook_stats().get("skip_reasons") or {}).items()):
+            skipped.add_metric([str(code)], float(count))
+        yield skipped
         yield CounterMetricFamily(
             "medebiaser_jobs_enqueued", "Training jobs enqueued by webhooks", value=numeric.get("jobs_enqueued", 0)
         )

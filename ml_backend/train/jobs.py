@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -14,45 +13,48 @@ import torch
 from PIL import Image
 from rq import get_current_job
 
-from ml_backend.config import Settings
-from ml_backend.explain.brush_rle import decode_alpha
-from ml_backend.feedback.annotations import IGNORE, AnnotationRecord
-from ml_backend.feedback.queue import acquire_project_lock, connect, key, release
+from ml_backend.config import Settings, TrainingSettings
+from ml_backend.feedback.annotations import IGNORE, AnnotationRecord, RegionError, decode_region
+from ml_backend.feedback.queue import TRAINING, coalesced_run, connect, key
 from ml_backend.feedback.reconcile import reconcile_with_label_studio
+from ml_backend.feedback.retrain_policy import snapshot_taken
 from ml_backend.feedback.store import AnnotationStore
 from ml_backend.io.images import ImageError, load_image
 from ml_backend.io.label_config import parse_label_config
-from ml_backend.measure.metrics import age_bins, choose_thresholds, evaluate_version, per_finding_metrics
+from ml_backend.measure.metrics import (
+    choose_thresholds,
+    evaluate_version,
+    fairness_coverage,
+    patient_groups,
+    per_finding_metrics,
+)
 from ml_backend.models.classifier import normalisation, pick_device
 from ml_backend.models.registry import ModelRegistry, model_from_version
 from ml_backend.models.store import VersionStore
-from ml_backend.train.examples import Example, holdout_split, tensorise
+from ml_backend.train.examples import Example, holdout_split, skipped_regions_summary, tensorise
 from ml_backend.train.losses import LossConfig
 from ml_backend.train.mask_propagation import PropagationConfig
+from ml_backend.train.promotion import PromotionDecision, PromotionPolicy, decide
 from ml_backend.train.trainer import TrainConfig, fine_tune, heatmap_grid, predict_probabilities
 
 log = logging.getLogger(__name__)
 
 
-def train_config_from_env() -> TrainConfig:
+def train_config(training: TrainingSettings) -> TrainConfig:
     loss = LossConfig(
-        prediction=os.environ.get("PRED_LOSS", "wbce"),
-        ignore_weight=float(os.environ.get("IGNORE_LOSS_WEIGHT", "0.1")),
-        evidence_weight=float(os.environ.get("EVIDENCE_LOSS_WEIGHT", "0.1")),
-        counterfactuals=_on(os.environ.get("COUNTERFACTUALS", "1")),
-        artefact_paste_rate=float(os.environ.get("ARTEFACT_PASTE_RATE", "0.5")),
+        prediction=training.prediction_loss,
+        ignore_weight=training.ignore_weight,
+        evidence_weight=training.evidence_weight,
+        counterfactuals=training.counterfactuals,
+        artefact_paste_rate=training.artefact_paste_rate,
     )
     return TrainConfig(
-        epochs=int(os.environ.get("TRAIN_EPOCHS", "5")),
-        batch_size=int(os.environ.get("TRAIN_BATCH_SIZE", "16")),
-        lr=float(os.environ.get("TRAIN_LR", "3e-4")),
+        epochs=training.epochs,
+        batch_size=training.batch_size,
+        lr=training.lr,
         loss=loss,
-        propagation=PropagationConfig() if _on(os.environ.get("MASK_PROPAGATION", "1")) else None,
+        propagation=PropagationConfig() if training.mask_propagation else None,
     )
-
-
-def _on(value: str) -> bool:
-    return value.lower() not in ("0", "false", "no", "off")
 
 
 def _progress(**meta: Any) -> None:
@@ -66,32 +68,75 @@ def _progress(**meta: Any) -> None:
 def record_to_example(
     record: AnnotationRecord, labels: tuple[str, ...], settings: Settings, http: Any = None
 ) -> Example:
-    """Fetch the image and decode the masks at its natural size; raises ValueError/ImageError with the reason."""
+    """Fetch the image and decode the regions at its natural size; raises ValueError/ImageError with the reason
+    when the image cannot be used. A region that cannot be decoded is skipped and listed in ``Example.skipped``
+    (with those the webhook already skipped), the rest of the annotation is kept."""
     image = load_image(record.image_ref, settings, http)
     targets = np.array([label in record.positives for label in labels], dtype=np.float32)
     ignore: np.ndarray | None = None
     evidence: dict[int, np.ndarray] = {}
+    skipped = [dict(s) for s in record.skipped]
     for mask_key, mask in record.masks.items():
-        if (mask.width, mask.height) != (image.width, image.height):
-            raise ValueError(
-                f"mask {mask_key!r} is {mask.width}x{mask.height} but the image is {image.width}x{image.height}"
-            )
-        marked = decode_alpha(mask.rle, mask.height, mask.width) > 0
         name = mask_key.split("#", 1)[0]
+        where = mask.where or mask_key
+        if name != IGNORE and name not in labels:
+            skipped.append(
+                {"where": where, "code": "unknown_label", "reason": f"label {name!r} is no longer a finding"}
+            )
+            continue
+        try:
+            marked = decode_region(mask, image.width, image.height, settings)
+        except RegionError as exc:
+            skipped.append({"where": where, "code": exc.code, "reason": str(exc)})
+            continue
         if name == IGNORE:
             ignore = marked if ignore is None else ignore | marked
-        elif name in labels:
+        else:
             k = labels.index(name)
             evidence[k] = marked if k not in evidence else evidence[k] | marked
-        else:
-            raise ValueError(f"mask for unknown finding {name!r}")
+    attributes = dict(record.attributes)
+    patient = attributes.get("patient_id")
     return Example(
         image=image.pixels,
         targets=targets,
         ignore=ignore,
         evidence=evidence,
         key=str(record.task_id),
-        group=str(record.task_id),
+        # One patient's images stay on one side of the held-out split; a task without a patient id is its own group.
+        group=f"patient:{patient}" if patient else f"task:{record.task_id}",
+        attributes=attributes,
+        skipped=skipped,
+    )
+
+
+def _promotion_decision(
+    settings: Settings,
+    labels: tuple[str, ...],
+    holdout: Any,
+    holdout_idx: list[int],
+    examples: list[Example],
+    parent_probs: np.ndarray | None,
+    model: torch.nn.Module,
+    parent: Any,
+    thresholds: list[float] | None,
+) -> PromotionDecision:
+    """The gate on the held-out patients: parent and candidate scored on the same images (train/promotion.py)."""
+    policy = PromotionPolicy(enabled=settings.promotion_gate, min_holdout=settings.promotion_min_holdout)
+    if not len(holdout) or parent_probs is None:
+        empty = np.zeros((0, len(labels)))
+        return decide(empty, empty, empty, np.zeros(len(labels)), np.zeros(len(labels)), policy=policy)
+    held = [examples[i] for i in holdout_idx]
+    default = [settings.threshold] * len(labels)
+    groups, _ = patient_groups([e.attributes for e in held])  # the same groups as the version's metrics
+    return decide(
+        holdout.targets.numpy(),
+        parent_probs,
+        predict_probabilities(model, holdout.images),
+        np.asarray(parent.meta.get("thresholds") or default, dtype=float),
+        np.asarray(thresholds if thresholds is not None else default, dtype=float),
+        {name: np.asarray(values, dtype=object) for name, values in groups.items()},
+        np.array([e.group or e.key for e in held], dtype=object),
+        policy,
     )
 
 
@@ -130,17 +175,16 @@ def example_heatmaps(
 def evaluate_holdout(
     y_true: np.ndarray, y_prob: np.ndarray, labels: tuple[str, ...], held: list[Example], thresholds: list[float]
 ) -> dict[str, Any]:
-    """The shared bias metrics on the held-out annotations (groups from task data when present)."""
-    groups: dict[str, np.ndarray] = {}
-    sexes = [e.attributes.get("sex") for e in held]
-    if any(sexes):
-        groups["sex"] = np.array([s or "unknown" for s in sexes], dtype=object)
-    ages = [e.attributes.get("age") for e in held]
-    if any(a is not None for a in ages):
-        groups["age"] = age_bins([float(a) if a is not None else np.nan for a in ages])
-    return evaluate_version(
+    """The shared bias metrics on the held-out annotations: Equalized Odds by sex, age band and site whenever the
+    task data has them (bootstrap by patient), and in ``fairness_coverage`` which could not be measured and why."""
+    groups, absent = patient_groups([e.attributes for e in held])
+    metrics = evaluate_version(
         y_true, y_prob, labels, groups, thresholds=thresholds, cluster_ids=[e.group for e in held], n_boot=100
     )
+    metrics["fairness_coverage"] = fairness_coverage(
+        metrics, groups, absent, min_group_count=int(metrics["settings"]["min_group_count"])
+    )
+    return metrics
 
 
 def build_examples(
@@ -169,23 +213,18 @@ def train_project(project: str, settings: Settings | None = None, *, force: bool
     """The rq job. Returns a summary (also kept as the job's result)."""
     settings = settings or Settings.from_env()
     conn = connect(settings)
-    job = get_current_job()
-    job_id = job.id if job else f"inline-{os.getpid()}-{time.time()}"
     _progress(stage="waiting for project lock", project=project)
-    heartbeat = acquire_project_lock(conn, project, job_id)
-    try:
-        # From here on, new annotations schedule the next job; everything acknowledged so far is ours.
-        release(conn, key(project, "queued"), job_id)
+    # Inside: new annotations schedule the next job; everything acknowledged so far is ours.
+    with coalesced_run(conn, TRAINING, project, settings):
         store = AnnotationStore(conn, project)
         reconcile_summary = None
         if conn.getdel(key(project, "reconcile")):
             _progress(stage="reconciling with Label Studio")
             reconcile_summary = reconcile_with_label_studio(store, project, settings)
+        taken_at = time.time()
         generation, records = store.snapshot()
+        snapshot_taken(conn, project, generation, taken_at)  # the retraining policy counts from here
         return _train_snapshot(project, settings, generation, records, force, reconcile_summary)
-    finally:
-        heartbeat.set()
-        release(conn, key(project, "lock"), job_id)
 
 
 def _train_snapshot(
@@ -218,6 +257,7 @@ def _train_snapshot(
     examples, skipped = build_examples(records, labels, settings)
     if not examples:
         return {"status": "skipped", "reason": "no annotation could be loaded", "skipped": skipped}
+    regions_skipped = skipped_regions_summary(examples)
     train_idx, holdout_idx = holdout_split(examples, fraction=0.2)
 
     device = pick_device(settings.device)
@@ -229,7 +269,7 @@ def _train_snapshot(
     holdout = tensorise([examples[i] for i in holdout_idx], len(labels), input_size, grid, mean, std)
     parent_probs = predict_probabilities(model, holdout.images) if len(holdout) else None
 
-    config = train_config_from_env()
+    config = train_config(settings.training)
     config = replace(config, seed=generation)
     _progress(stage="training", epoch=0, epochs=config.epochs, train=len(train_idx), holdout=len(holdout_idx))
     run = fine_tune(model, train_data, config, progress=lambda m: _progress(**m))
@@ -246,7 +286,12 @@ def _train_snapshot(
         current = thresholds if thresholds is not None else [settings.threshold] * len(labels)
         metrics = evaluate_holdout(y_true, new_probs, labels, held, current)
         parent_thresholds = parent.meta.get("thresholds") or [settings.threshold] * len(labels)
+        assert parent_probs is not None  # predicted above whenever there is a holdout
         metrics["parent"] = per_finding_metrics(y_true, parent_probs, labels, parent_thresholds)
+        metrics["regions_skipped"] = regions_skipped  # the report states them next to the metrics
+    promotion = _promotion_decision(
+        settings, labels, holdout, holdout_idx, examples, parent_probs, model, parent, thresholds
+    )
     meta = {
         **parent.meta,
         "parent": parent_version,
@@ -258,6 +303,7 @@ def _train_snapshot(
             "annotations_used": len(train_idx),
             "holdout": len(holdout_idx),
             "skipped": skipped,
+            "regions_skipped": regions_skipped,
             "masked_ignore": int(train_data.has_ignore.sum()),
             "masked_evidence_pairs": int(train_data.has_evidence.sum()),
             "history": run.history,
@@ -268,31 +314,37 @@ def _train_snapshot(
             "task_ids": sorted(r.task_id for r in records),
         },
         "metrics": metrics,
+        "promotion": promotion.to_json(),
     }
     _progress(stage="saving")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     extra = {"examples.npz": example_heatmaps(model, [examples[i] for i in holdout_idx], holdout, labels)}
-    info = versions.save_version(project, state, meta, extra_files=extra)
-    _progress(stage="done", version=info.version)
+    info = versions.save_version(project, state, meta, extra_files=extra, make_live=promotion.promote)
+    _progress(stage="done", version=info.version, promoted=promotion.promote)
     log.info(
-        "project %s: %s is live (parent %s, %d annotations, %d skipped)",
+        "project %s: %s %s (parent %s, %d annotations, %d skipped): %s",
         project,
         info.version,
+        "is live" if promotion.promote else "kept as a candidate",
         parent_version,
         len(train_idx),
         len(skipped),
+        promotion.reason,
     )
     ranking_job = None
-    if settings.label_studio_url and settings.label_studio_api_key:  # re-rank the unlabelled tasks with it
+    # Re-rank the unlabelled tasks only with a version physicians will see.
+    if promotion.promote and settings.label_studio_url and settings.label_studio_api_key:
         from ml_backend.rank.job import schedule_ranking
 
-        ranking_job = schedule_ranking(connect(settings), project, info.version)
+        ranking_job = schedule_ranking(connect(settings), project, info.version, settings=settings)
     return {
-        "status": "trained",
+        "status": "trained" if promotion.promote else "candidate",
+        "promotion": promotion.reason,
         "version": info.version,
         "parent": parent_version,
         "annotations": len(examples),
         "skipped": skipped,
+        "regions_skipped": regions_skipped,
         "metrics": {k: (metrics or {}).get(k) for k in ("macro_f1", "macro_auroc")},
         "ranking_job": ranking_job,
     }

@@ -33,10 +33,11 @@ import torch.nn.functional as F
 from scipy import ndimage
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from ml_backend.models.classifier import timm_api
 from ml_backend.train.examples import ExampleTensors
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def hypercolumns(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -
     out = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(device)
-        maps = model.forward_intermediates(batch, indices=stages, intermediates_only=True)
+        maps = timm_api(model).forward_intermediates(batch, indices=stages, intermediates_only=True)
         size = maps[0].shape[-2:]
         upsampled = [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps]
         out.append(torch.cat(upsampled, 1).cpu())
@@ -114,7 +115,7 @@ def _artefact_cells(prob: np.ndarray, threshold: float, config: PropagationConfi
     return ndimage.binary_dilation(keep, structure=_IN_PLANE)
 
 
-def _fit(features: np.ndarray, labels: np.ndarray) -> object:
+def _fit(features: np.ndarray, labels: np.ndarray) -> Pipeline:
     return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=500)).fit(
         features, labels
     )
@@ -154,7 +155,7 @@ def _propagate(
     for start in range(0, len(masked), config.batch_size):  # batch by batch: hypercolumns are large at 224 px
         index = masked[start : start + config.batch_size]
         feats = hypercolumns(model, data.images[index], config.batch_size)  # (B, C, h, w)
-        grid = tuple(feats.shape[-2:])
+        grid = (int(feats.shape[-2]), int(feats.shape[-1]))
         share = F.adaptive_avg_pool2d(data.ignore[index], grid)[:, 0].numpy()  # share of each cell masked
         for j in range(len(index)):
             cells = feats[j].flatten(1).T.numpy()  # (h*w, C)

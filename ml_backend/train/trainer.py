@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ml_backend.explain.cam import HeatmapExplainer
+from ml_backend.models.classifier import timm_api
 from ml_backend.train.counterfactual import ArtefactBank, counterfactual_batch
 from ml_backend.train.examples import ExampleTensors
 from ml_backend.train.losses import (
@@ -59,7 +60,7 @@ def heatmap_grid(model: nn.Module, input_size: int) -> tuple[int, int]:
     with torch.no_grad():
         was_training = model.training
         model.eval()
-        shape = model.forward_features(torch.zeros(1, 3, input_size, input_size, device=param.device)).shape
+        shape = timm_api(model).forward_features(torch.zeros(1, 3, input_size, input_size, device=param.device)).shape
         model.train(was_training)
     return int(shape[-2]), int(shape[-1])
 

@@ -58,6 +58,10 @@ BACKEND_ENV = {
     "TRAIN_BATCH_SIZE": "8",
     "HEATMAP_LEVELS": "64",
     "LOG_LEVEL": "INFO",
+    # Three corrections hold no patient out, so the promotion gate would (rightly) keep v1 as a candidate; this
+    # test follows the loop's plumbing, and tests/test_promotion.py checks both of the gate's paths.
+    "PROMOTION_GATE": "0",
+    "RETRAIN_MIN_ANNOTATIONS": "1",  # a job per correction, as before the retraining policy (its own test)
 }
 
 
@@ -345,7 +349,7 @@ def test_full_loop(
         started = time.monotonic()
         api.call("POST", f"/api/tasks/{task_id}/annotations", json={"result": result, "lead_time": 42.0})
         _say(f"annotation on task {task_id} ({record['labels']}) saved in {time.monotonic() - started:.2f} s")
-    webhook = httpx.get(f"{backend.url}/metrics", timeout=10).json()["webhook"]
+    webhook = httpx.get(f"{backend.url}/metrics?format=json", timeout=10).json()["webhook"]
     assert webhook["recorded"] >= N_CORRECTIONS and webhook["rejected"] == 0, webhook
     assert webhook["jobs_enqueued"] >= 1, webhook
 
