@@ -78,9 +78,12 @@ class VersionStore:
         return total
 
     def _check_quota(self) -> None:
-        if self.max_bytes is not None and self.disk_usage() >= self.max_bytes:
+        if self.max_bytes is None:
+            return
+        used = self.disk_usage()
+        if used >= self.max_bytes:
             raise StorageQuotaExceeded(
-                f"the model folder holds {self.disk_usage()} bytes, at or above MAX_MODEL_DIR_BYTES ({self.max_bytes}):"
+                f"the model folder holds {used} bytes, at or above MAX_MODEL_DIR_BYTES ({self.max_bytes}):"
                 " delete old versions or raise the cap"
             )
 

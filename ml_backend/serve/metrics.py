@@ -38,8 +38,9 @@ class _StatsCollector(Collector):
         for stage in ("total", "fetch", "model", "heatmaps"):
             seconds.add_metric([stage], float(getattr(stats, f"seconds_{stage}", 0.0)))
         yield seconds
+        webhook_stats = self._webhook_stats()  # one snapshot per scrape
         webhook = CounterMetricFamily("medebiaser_webhook_events", "Webhook events by outcome", labels=["outcome"])
-        numeric = {k: v for k, v in self._webhook_stats().items() if isinstance(v, int | float)}
+        numeric = {k: v for k, v in webhook_stats.items() if isinstance(v, int | float)}
         for outcome, count in sorted(numeric.items()):
             if outcome != "jobs_enqueued":
                 webhook.add_metric([outcome], float(count))
@@ -47,7 +48,7 @@ class _StatsCollector(Collector):
         skipped = CounterMetricFamily(
             "medebiaser_webhook_skipped_items", "Regions and fields skipped at the webhook, by reason", labels=["code"]
         )
-        for code, count in sorted((self._webhook_stats().get("skip_reasons") or {}).items()):
+        for code, count in sorted((webhook_stats.get("skip_reasons") or {}).items()):
             skipped.add_metric([str(code)], float(count))
         yield skipped
         yield CounterMetricFamily(

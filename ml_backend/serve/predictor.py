@@ -161,7 +161,7 @@ class Predictor:
     def load_images(self, tasks: Sequence[dict[str, Any]], schema: ProjectSchema) -> list[LoadedImage | str]:
         """Each task's image, or the reason it could not be loaded (each fetch bounded by FETCH_TIMEOUT_S)."""
         images: list[LoadedImage | str] = [""] * len(tasks)
-        for index, image in self._loads(tasks, schema, window=max(len(tasks), 1) if len(tasks) <= 32 else 32):
+        for index, image in self._loads(tasks, schema, window=min(max(len(tasks), 1), 32)):
             images[index] = image
         return images
 

@@ -112,27 +112,26 @@ def record_to_example(
 def _promotion_decision(
     settings: Settings,
     labels: tuple[str, ...],
-    holdout: Any,
-    holdout_idx: list[int],
-    examples: list[Example],
+    held: list[Example],
+    y_true: np.ndarray | None,
     parent_probs: np.ndarray | None,
-    model: torch.nn.Module,
-    parent: Any,
+    new_probs: np.ndarray | None,
+    parent_thresholds: list[float] | None,
     thresholds: list[float] | None,
 ) -> PromotionDecision:
-    """The gate on the held-out patients: parent and candidate scored on the same images (train/promotion.py)."""
+    """The gate on the held-out patients: parent and candidate scored on the same images (train/promotion.py),
+    from the probabilities the evaluation already computed."""
     policy = PromotionPolicy(enabled=settings.promotion_gate, min_holdout=settings.promotion_min_holdout)
-    if not len(holdout) or parent_probs is None:
+    default = [settings.threshold] * len(labels)
+    if y_true is None or parent_probs is None or new_probs is None:
         empty = np.zeros((0, len(labels)))
         return decide(empty, empty, empty, np.zeros(len(labels)), np.zeros(len(labels)), policy=policy)
-    held = [examples[i] for i in holdout_idx]
-    default = [settings.threshold] * len(labels)
     groups, _ = patient_groups([e.attributes for e in held])  # the same groups as the version's metrics
     return decide(
-        holdout.targets.numpy(),
+        y_true,
         parent_probs,
-        predict_probabilities(model, holdout.images),
-        np.asarray(parent.meta.get("thresholds") or default, dtype=float),
+        new_probs,
+        np.asarray(parent_thresholds or default, dtype=float),
         np.asarray(thresholds if thresholds is not None else default, dtype=float),
         {name: np.asarray(values, dtype=object) for name, values in groups.items()},
         np.array([e.group or e.key for e in held], dtype=object),
@@ -276,9 +275,11 @@ def _train_snapshot(
 
     metrics: dict[str, Any] | None = None
     thresholds = parent.meta.get("thresholds")
+    held = [examples[i] for i in holdout_idx]
+    y_true: np.ndarray | None = None
+    new_probs: np.ndarray | None = None
     if len(holdout):
         _progress(stage="evaluating")
-        held = [examples[i] for i in holdout_idx]
         y_true = holdout.targets.numpy()
         new_probs = predict_probabilities(model, holdout.images)
         if len(holdout) >= 20:  # too few held-out images make per-finding thresholds noise
@@ -290,7 +291,7 @@ def _train_snapshot(
         metrics["parent"] = per_finding_metrics(y_true, parent_probs, labels, parent_thresholds)
         metrics["regions_skipped"] = regions_skipped  # the report states them next to the metrics
     promotion = _promotion_decision(
-        settings, labels, holdout, holdout_idx, examples, parent_probs, model, parent, thresholds
+        settings, labels, held, y_true, parent_probs, new_probs, parent.meta.get("thresholds"), thresholds
     )
     meta = {
         **parent.meta,
@@ -318,7 +319,7 @@ def _train_snapshot(
     }
     _progress(stage="saving")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    extra = {"examples.npz": example_heatmaps(model, [examples[i] for i in holdout_idx], holdout, labels)}
+    extra = {"examples.npz": example_heatmaps(model, held, holdout, labels)}
     info = versions.save_version(project, state, meta, extra_files=extra, make_live=promotion.promote)
     _progress(stage="done", version=info.version, promoted=promotion.promote)
     log.info(

@@ -29,7 +29,7 @@ from types import TracebackType
 import httpx
 import pytest
 
-from ml_backend.demo.services import label_studio_env
+from ml_backend.demo.services import BackendProcess, label_studio_env, pick_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LS_BIN = PROJECT_ROOT / ".ls-venv" / "bin" / "label-studio"
@@ -234,3 +234,28 @@ def label_studio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[La
     server = shared_server(tmp_path_factory.mktemp("label-studio"))
     yield server
     server.stop()  # session end: every importer is done with it
+
+
+@contextlib.contextmanager
+def running_backend(work: Path, ls: LabelStudioServer, env: dict[str, str], log_name: str) -> Iterator[BackendProcess]:
+    """``medebiaser serve`` (embedded Redis + worker) pointed at ``ls``, models under ``work``; its log is kept in
+    ``test-artifacts/<log_name>`` afterwards."""
+    process = BackendProcess(
+        work / "backend.log",
+        port=pick_port(),
+        env={
+            "MODEL_DIR": str(work / "models"),
+            "LABEL_STUDIO_URL": ls.url,
+            "LABEL_STUDIO_API_KEY": ls.token,
+            **env,
+        },
+    )
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+        artifacts = PROJECT_ROOT / "test-artifacts"
+        artifacts.mkdir(exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            (artifacts / log_name).write_bytes(process.log_path.read_bytes())

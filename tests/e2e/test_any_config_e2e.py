@@ -26,12 +26,12 @@ import numpy as np
 import pytest
 
 from ml_backend.connect import connect_project, make_client, set_project_model_version
-from ml_backend.demo.services import BackendProcess, pick_port
+from ml_backend.demo.services import BackendProcess
 from ml_backend.demo.setup import LabelStudioAPI, local_file_ref
 from ml_backend.explain.brush_rle import encode_alpha
 from ml_backend.models.store import VersionStore
 
-from .label_studio import PROJECT_ROOT, LabelStudioServer
+from .label_studio import PROJECT_ROOT, LabelStudioServer, running_backend
 from .label_studio import label_studio_server as label_studio_server  # noqa: F401 - the shared fixture
 
 pytestmark = pytest.mark.e2e
@@ -104,20 +104,9 @@ def nih_records(label_studio_server: LabelStudioServer) -> tuple[Path, list[dict
 @pytest.fixture(scope="module")
 def backend(label_studio_server: LabelStudioServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:  # noqa: F811
     work = tmp_path_factory.mktemp("any-config-backend")
-    env = {
-        **BACKEND_ENV,
-        "MODEL_DIR": str(work / "models"),
-        "LABEL_STUDIO_URL": label_studio_server.url,
-        "LABEL_STUDIO_API_KEY": label_studio_server.token,
-        "WEBHOOK_SECRET": SECRET,
-    }
-    process = BackendProcess(work / "backend.log", port=pick_port(), env=env)
-    process.start()
-    yield process, work / "models"
-    process.stop()
-    artifacts = PROJECT_ROOT / "test-artifacts"
-    artifacts.mkdir(exist_ok=True)
-    shutil.copy(process.log_path, artifacts / "any-config-backend.log")
+    env = {**BACKEND_ENV, "WEBHOOK_SECRET": SECRET}
+    with running_backend(work, label_studio_server, env, "any-config-backend.log") as process:
+        yield process, work / "models"
 
 
 def _task_data(record: dict[str, Any], key: str, folder: Path, root: Path, index: int) -> dict[str, Any]:

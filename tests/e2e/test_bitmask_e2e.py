@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import colorsys
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,11 +23,11 @@ from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
 from ml_backend.connect import connect_project
-from ml_backend.demo.services import BackendProcess, pick_port
+from ml_backend.demo.services import BackendProcess
 from ml_backend.demo.setup import LabelStudioAPI, local_file_ref
 from ml_backend.explain.bitmask_png import decode_mask_data_url, encode_heat_png, png_data_url_size
 
-from .label_studio import E2E_ENV, PROJECT_ROOT, LabelStudioServer
+from .label_studio import E2E_ENV, PROJECT_ROOT, LabelStudioServer, running_backend
 from .label_studio import label_studio_server as label_studio_server  # noqa: F401 - the shared fixture
 
 pytestmark = pytest.mark.e2e
@@ -57,23 +56,16 @@ def films(label_studio_server: LabelStudioServer) -> Path:  # noqa: F811
 
 @pytest.fixture(scope="module")
 def backend(label_studio_server: LabelStudioServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:  # noqa: F811
-    work = tmp_path_factory.mktemp("bitmask-backend")
     env = {
-        "MODEL_DIR": str(work / "models"),
-        "LABEL_STUDIO_URL": label_studio_server.url,
-        "LABEL_STUDIO_API_KEY": label_studio_server.token,
         "WEBHOOK_SECRET": SECRET,
         "INPUT_SIZE": "128",
         "THRESHOLD": "0.3",  # an untrained model: predict enough findings to draw heatmaps for
         "HEATMAP_MAX_FINDINGS": "3",
         "LOG_LEVEL": "INFO",
     }
-    process = BackendProcess(work / "backend.log", port=pick_port(), env=env)
-    process.start()
-    yield process
-    process.stop()
-    ARTIFACTS.mkdir(exist_ok=True)
-    shutil.copy(process.log_path, ARTIFACTS / "bitmask-backend.log")
+    work = tmp_path_factory.mktemp("bitmask-backend")
+    with running_backend(work, label_studio_server, env, "bitmask-backend.log") as process:
+        yield process
 
 
 def _colours() -> dict[str, str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import colorsys
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,11 +35,11 @@ from ml_backend.connect import (
 )
 from ml_backend.demo import synthetic
 from ml_backend.demo.run import ranking_available
-from ml_backend.demo.services import BackendProcess, pick_port
+from ml_backend.demo.services import BackendProcess
 from ml_backend.demo.setup import LabelStudioAPI, image_tasks
 from ml_backend.explain.brush_rle import decode_alpha, encode_alpha
 
-from .label_studio import E2E_ENV, PROJECT_ROOT, LabelStudioServer
+from .label_studio import E2E_ENV, PROJECT_ROOT, LabelStudioServer, running_backend
 from .label_studio import label_studio_server as label_studio_server  # noqa: F401 - the shared fixture
 
 pytestmark = pytest.mark.e2e
@@ -92,22 +91,11 @@ def images(ls: LabelStudioServer) -> tuple[Path, list[dict[str, Any]]]:
 
 @pytest.fixture(scope="module")
 def backend(ls: LabelStudioServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendProcess]:
-    work = tmp_path_factory.mktemp("backend")
-    env = {
-        **BACKEND_ENV,
-        "MODEL_DIR": str(work / "models"),
-        "LABEL_STUDIO_URL": ls.url,
-        "LABEL_STUDIO_API_KEY": ls.token,
-        "WEBHOOK_SECRET": SECRET,
-    }
-    process = BackendProcess(work / "backend.log", port=pick_port(), env=env)
     started = time.monotonic()
-    process.start()
-    _say(f"backend (serve + embedded Redis + worker) at {process.url} after {time.monotonic() - started:.1f} s")
-    yield process
-    process.stop()
-    ARTIFACTS.mkdir(exist_ok=True)
-    shutil.copy(process.log_path, ARTIFACTS / "full-loop-backend.log")
+    env = {**BACKEND_ENV, "WEBHOOK_SECRET": SECRET}
+    with running_backend(tmp_path_factory.mktemp("backend"), ls, env, "full-loop-backend.log") as process:
+        _say(f"backend (serve + embedded Redis + worker) at {process.url} after {time.monotonic() - started:.1f} s")
+        yield process
 
 
 @pytest.fixture(scope="module")
