@@ -24,7 +24,7 @@ from ml_backend.feedback.annotations import (
     parse_annotation,
 )
 from ml_backend.feedback.store import AnnotationStore
-from ml_backend.feedback.webhook import project_ignore_labels, record_project_params
+from ml_backend.feedback.webhook import WebhookHandler, project_ignore_labels, record_project_params
 from ml_backend.io.label_config import (
     describe_label_mapping,
     format_label_mapping,
@@ -425,3 +425,21 @@ def test_real_label_studio_request_still_parses(ls_request) -> None:
     record = parse_annotation("2", body["annotation"], body["task"], schema)
     assert set(record.masks) == {"Cardiomegaly"} and record.skipped == []
     assert NIH.exists()
+
+
+def test_bulk_annotations_without_their_tasks_are_reconciled_not_lost(settings, redis_url, redis_conn) -> None:
+    """Label Studio's ANNOTATIONS_CREATED may name each annotation's task without sending it: the webhook cannot
+    record those, so it flags the project for reconcile (the next job re-reads them from Label Studio)."""
+    handler = WebhookHandler(replace(settings, redis_url=redis_url), redis_conn)
+    body = {
+        "action": "ANNOTATIONS_CREATED",
+        "project": {"id": 12, "label_config": CONFIG},
+        "annotation": [{"id": 21, "task": 7, "result": []}, {"id": 22, "task": 8, "result": []}],
+    }
+    status, answer = handler.handle(body)
+    assert status == 202 and answer["from_label_studio"] == 2 and answer["job_id"], answer
+    assert redis_conn.get("mdb:12:reconcile") == b"1"
+    # without a Label Studio to re-read from, the same event is unusable as a whole: a 4xx with the reason
+    offline = WebhookHandler(replace(settings, redis_url=redis_url, label_studio_url=None), redis_conn)
+    status, answer = offline.handle({**body, "project": {"id": 13, "label_config": CONFIG}})
+    assert status == 422 and "no annotation" in answer["error"]

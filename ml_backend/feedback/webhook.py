@@ -64,6 +64,10 @@ def setup_project(conn: redis.Redis, project: str, config: str, extra_params: An
     return project_schema(conn, project, config, settings)
 
 
+def _names_int(item: Any, field: str) -> bool:
+    return isinstance(item, dict) and isinstance(item.get(field), int) and not isinstance(item.get(field), bool)
+
+
 def _int_ids(items: Any, what: str) -> list[int]:
     if not isinstance(items, list):
         raise AnnotationError(f"{what} must be a list of objects with an integer 'id'")
@@ -178,7 +182,7 @@ class WebhookHandler:
         if sent_config:
             store.set_label_config(sent_config)
         pairs = self._pairs(action, body)
-        recorded, cancelled, errors, skipped = 0, [], [], []
+        recorded, cancelled, errors, skipped, without_task = 0, [], [], [], 0
         for annotation, task in pairs:
             try:
                 record = parse_annotation(project, annotation, task, schema, settings=self.settings)
@@ -186,6 +190,7 @@ class WebhookHandler:
                 if len(pairs) == 1 and action in ANNOTATION_EVENTS:
                     raise
                 errors.append(str(exc))  # in a bulk event, a bad annotation does not sink the others
+                without_task += task is None and _names_int(annotation, "id") and _names_int(annotation, "task")
                 continue
             if record is None:
                 cancelled.append(annotation["id"])  # parse_annotation checked it is an int
@@ -195,6 +200,13 @@ class WebhookHandler:
             skipped += [{"annotation": record.annotation_id, **s} for s in record.skipped]
         if cancelled:
             store.delete(cancelled)  # a cancelled (skipped) annotation is not training data
+        if without_task and self.settings.label_studio_url:
+            # Label Studio's bulk event may name an annotation's task without sending it. Label Studio still has
+            # both: the next job re-reads the project's annotations (reconcile) instead of losing these.
+            job = schedule_training(self.conn, project, reason=f"{action}: tasks not in the payload", reconcile=True)
+            self._count("jobs_enqueued", job is not None)
+            if recorded == 0 and not cancelled and len(errors) == without_task:
+                return 202, {"status": "reconcile", "recorded": 0, "from_label_studio": without_task, "job_id": job}
         if recorded == 0 and not cancelled and errors:
             raise AnnotationError(f"no annotation in {action} is usable: {'; '.join(errors[:5])}")
         self._count("recorded", recorded)
@@ -220,6 +232,8 @@ class WebhookHandler:
                 f"starts at {self.settings.retrain_min_annotations} waiting annotations, on START_TRAINING, or "
                 f"{self.settings.retrain_quiet_s:.0f} s after the last one (unless a job is already queued)"
             )
+        if without_task and self.settings.label_studio_url:
+            answer["from_label_studio"] = without_task  # re-read by the next job (reconcile), not lost
         if skipped:
             answer["skipped"] = skipped[:MAX_SKIPS_IN_ANSWER]
         if errors:
