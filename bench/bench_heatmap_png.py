@@ -56,10 +56,11 @@ from ml_backend.config import Settings  # noqa: E402
 from ml_backend.explain.bitmask_png import _chunk, decode_mask_data_url, encode_heat_png, png_data_url_size  # noqa: E402
 from ml_backend.explain.brush_rle import encode_alpha_array, heatmap_to_alpha  # noqa: E402
 from ml_backend.explain.cam import upsample_maps  # noqa: E402
+from ml_backend.inference.model_outputs import run_model  # noqa: E402
 from ml_backend.io.label_config import parse_label_config  # noqa: E402
 from ml_backend.models.classifier import to_input_tensor  # noqa: E402
 from ml_backend.models.registry import ModelRegistry  # noqa: E402
-from ml_backend.serve.predictor import Predictor, run_model  # noqa: E402
+from ml_backend.serve.predictor import Predictor  # noqa: E402
 
 HIRES = SHARED / "nih_hires" / "images_1024"
 BITMASK_CONFIG = (ROOT / "label_config" / "chest_xray_bitmask.xml").read_text()

@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ml_backend.config import Settings  # noqa: E402
+from ml_backend.inference.model_outputs import run_model  # noqa: E402
+from ml_backend.inference.task_images import TaskImageLoader  # noqa: E402
 from ml_backend.io.label_config import parse_label_config  # noqa: E402
 from ml_backend.models.registry import ModelRegistry  # noqa: E402
 from ml_backend.rank.job import TaskOutput, _prediction  # noqa: E402
@@ -39,7 +41,6 @@ from ml_backend.rank.strategy import (  # noqa: E402
     mc_probabilities_from_features,
     rank_candidates,
 )
-from ml_backend.serve.predictor import Predictor, run_model  # noqa: E402
 
 NIH = ROOT.parent / "shared" / "data" / "nih1000"
 RESULTS = ROOT / "bench" / "results"
@@ -63,16 +64,16 @@ def timed(fn, reps: int = 3) -> tuple[float, object]:
 
 
 def predict_and_rank(n_images: int, settings: Settings) -> dict:
-    """The job's predict + rank path on real images: Predictor.load_images, run_model, rank_candidates."""
+    """The job's predict + rank path on real images: TaskImageLoader.load_all, run_model, rank_candidates."""
     manifest = json.loads((NIH / "manifest.json").read_text())[:n_images]
     schema = parse_label_config(CONFIG)
     registry = ModelRegistry(settings)
     loaded = registry.get("bench", schema.findings)
-    predictor = Predictor(settings)
+    loader = TaskImageLoader(settings)
     tasks = [{"id": i, "data": {"image": str(NIH / r["image"])}} for i, r in enumerate(manifest)]
     run_model(loaded, [np.zeros((64, 64), np.float32)] * 2, 2)  # warm-up
     t0 = time.perf_counter()
-    images = predictor.load_images(tasks, schema)
+    images = loader.load_all(tasks, schema)
     t1 = time.perf_counter()
     out = run_model(loaded, [img.pixels for img in images], settings.predict_batch_size)
     t2 = time.perf_counter()
@@ -94,7 +95,7 @@ def predict_and_rank(n_images: int, settings: Settings) -> dict:
                 size,
             )
             row = {"task": item.index, "rank": 1, "score": 1.0, "priority": 0.5, "reason": "", "signals": {}}
-            _prediction(predictor, schema, loaded, output, row, "bias")
+            _prediction(settings, schema, loaded, output, row, "bias")
         build[f"{size}px_ms_per_task"] = round((time.perf_counter() - started) / 20 * 1e3, 1)
     total = t3 - t0
     return {
@@ -260,7 +261,7 @@ def markdown(res: dict) -> str:
         "",
         f"## Predict + rank, {pr['images']} real NIH X-rays ({pr['backbone']}, {pr['input_size']} px input)",
         "",
-        "The job's own path: `Predictor.load_images` (64×64 PNGs from disk), `run_model` (probabilities, CAMs, "
+        "The job's own path: `TaskImageLoader.load_all` (64×64 PNGs from disk), `run_model` (probabilities, CAMs, "
         "pooled features in one pass), `rank_candidates` (bias strategy, diversity on).",
         "",
         "| load | model | rank | total | tasks/s |",

@@ -272,7 +272,7 @@ def part_predict(
     out: dict[str, Any] = {
         "tasks_per_request": n,
         "predict_batch_size": batch_setting,
-        "heatmap_max_findings": Settings().heatmap_max_findings,
+        "heatmap_max_findings": Settings().heatmap.max_findings,
         "workloads": {},
     }
     # variants of the full-size request, each on its own server: fewer alpha levels, and a threshold that lets
@@ -433,8 +433,13 @@ def part_predict(
 # --------------------------------------------------------------------------------------------- 4. breakdown
 
 
-def _build(predictor: Any, schema: Any, loaded: Any, output: Any, images: list, i: int) -> dict[str, Any]:
-    return predictor.task_prediction(schema, loaded, output.probabilities[i], output.cams[i], images[i])
+def _build(settings: Any, schema: Any, loaded: Any, output: Any, images: list, i: int) -> dict[str, Any]:
+    from ml_backend.inference.results import build_prediction
+
+    image = images[i]
+    return build_prediction(
+        settings.heatmap, schema, loaded, output.probabilities[i], output.cams[i], image.width, image.height
+    )
 
 
 def part_breakdown(n: int, reps: int, work: Path) -> dict[str, Any]:
@@ -442,8 +447,9 @@ def part_breakdown(n: int, reps: int, work: Path) -> dict[str, Any]:
     from pydantic import TypeAdapter
     from starlette.responses import JSONResponse
 
+    from ml_backend.inference.model_outputs import run_model
     from ml_backend.models.registry import ModelRegistry
-    from ml_backend.serve.predictor import Predictor, run_model
+    from ml_backend.serve.predictor import Predictor
 
     loads = workloads(n)
     schema = parse_label_config(CHEST_CONFIG)
@@ -460,7 +466,7 @@ def part_breakdown(n: int, reps: int, work: Path) -> dict[str, Any]:
         registry = ModelRegistry(settings)
         loaded = registry.get("2", schema.findings)
         predictor = Predictor(settings)
-        http = predictor.http  # the same source policy and connection pool as the server
+        http = predictor.images.fetcher  # the same source policy and connection pool as the server
         for name, w in loads.items():
             tasks = [{"id": i, "data": {"image": ref}} for i, ref in enumerate(w["refs"])]
             stage: dict[str, list[float]] = {}
@@ -470,14 +476,14 @@ def part_breakdown(n: int, reps: int, work: Path) -> dict[str, Any]:
 
             for rep in range(reps + 1):
                 t0 = time.perf_counter()
-                images = predictor.load_images(tasks, schema)  # 8 threads, as in the server
+                images = predictor.images.load_all(tasks, schema)  # 8 threads, as in the server
                 t1 = time.perf_counter()
                 for ref in w["refs"][:8]:
                     load_image(ref, settings, http)
                 t2 = time.perf_counter()
                 output = run_model(loaded, [im.pixels for im in images], settings.predict_batch_size)
                 t3 = time.perf_counter()
-                built = list(predictor.pool.map(partial(_build, predictor, schema, loaded, output, images), range(n)))
+                built = list(predictor.pool.map(partial(_build, settings, schema, loaded, output, images), range(n)))
                 t4 = time.perf_counter()
                 # the same heatmap work serially, split into its steps
                 up = alpha = rle = 0.0
@@ -489,7 +495,7 @@ def part_breakdown(n: int, reps: int, work: Path) -> dict[str, Any]:
                     a = time.perf_counter()
                     heat = upsample_maps(output.cams[i][keep], image.height, image.width).clamp_(0, 1).numpy()
                     b = time.perf_counter()
-                    alphas = [heatmap_to_alpha(h, settings.heatmap_levels, settings.heatmap_floor) for h in heat]
+                    alphas = [heatmap_to_alpha(h, settings.heatmap.levels, settings.heatmap.floor) for h in heat]
                     c = time.perf_counter()
                     for al in alphas:
                         encode_alpha(al)

@@ -57,6 +57,23 @@ class TrainingSettings:
 
 
 @dataclass(frozen=True)
+class HeatmapSettings:
+    """How findings' heatmaps are drawn (README: HEATMAP_*)."""
+
+    levels: int = 64  # alpha levels (brush RLE size grows with them; PNG barely)
+    floor: float = 0.2  # heat below this fraction of a map's peak is transparent
+    max_findings: int = 4  # heatmaps for at most this many predicted findings per task (0 = all)
+
+    @classmethod
+    def from_env(cls) -> HeatmapSettings:
+        return cls(
+            levels=_env_int("HEATMAP_LEVELS", 64),
+            floor=_env_float("HEATMAP_FLOOR", 0.2),
+            max_findings=_env_int("HEATMAP_MAX_FINDINGS", 4),
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the backend, the worker and the CLI read from the environment."""
 
@@ -73,9 +90,7 @@ class Settings:
     output_stride: int = 32
     pretrained: str | None = None  # "hub" for timm hub weights, or a path to a checkpoint file
     device: str = "auto"
-    heatmap_levels: int = 64
-    heatmap_floor: float = 0.2
-    heatmap_max_findings: int = 4  # heatmaps for at most this many predicted findings per task (0 = all)
+    heatmap: HeatmapSettings = field(default_factory=HeatmapSettings)
     threshold: float = 0.5
     max_image_pixels: int = 64_000_000
     max_image_bytes: int = 64 * 1024 * 1024
@@ -136,9 +151,7 @@ class Settings:
             output_stride=_env_int("OUTPUT_STRIDE", 32),
             pretrained=_env_str("PRETRAINED"),
             device=_env_str("DEVICE", "auto") or "auto",
-            heatmap_levels=_env_int("HEATMAP_LEVELS", 64),
-            heatmap_floor=_env_float("HEATMAP_FLOOR", 0.2),
-            heatmap_max_findings=_env_int("HEATMAP_MAX_FINDINGS", 4),
+            heatmap=HeatmapSettings.from_env(),
             threshold=_env_float("THRESHOLD", 0.5),
             max_image_pixels=_env_int("MAX_IMAGE_PIXELS", 64_000_000),
             max_image_bytes=_env_int("MAX_IMAGE_BYTES", 64 * 1024 * 1024),

@@ -25,10 +25,12 @@ from ml_backend.explain.bitmask_png import (
 )
 from ml_backend.explain.brush_rle import decode_alpha, heatmap_to_alpha
 from ml_backend.explain.cam import upsample_maps
+from ml_backend.inference.model_outputs import run_model
+from ml_backend.inference.results import build_prediction, heatmap_control
 from ml_backend.io.images import LoadedImage
 from ml_backend.io.label_config import parse_label_config
 from ml_backend.models.registry import ModelRegistry
-from ml_backend.serve.predictor import Predictor, heatmap_control, run_model
+from ml_backend.serve.predictor import Predictor
 
 BITMASK_CONFIG = (ROOT / "label_config" / "chest_xray_bitmask.xml").read_text()
 HIRES = SHARED / "data" / "nih_hires" / "images_1024"
@@ -61,6 +63,10 @@ def model_and_settings(tmp_path_factory):
     schema = parse_label_config(BITMASK_CONFIG)
     loaded = ModelRegistry(settings).get("1", schema.findings)
     return settings, loaded
+
+
+def _prediction(settings, schema, loaded, probabilities, cams, image: LoadedImage) -> dict:
+    return build_prediction(settings.heatmap, schema, loaded, probabilities, cams, image.width, image.height)
 
 
 @pytest.fixture(scope="module")
@@ -237,12 +243,12 @@ def test_predictions_at_clinical_size_validate_with_the_sdk(model_and_settings, 
     settings, loaded = model_and_settings
     image, probabilities, cams = clinical
     schema = parse_label_config(config)
-    prediction = Predictor(settings).task_prediction(schema, loaded, probabilities, cams, image)
+    prediction = _prediction(settings, schema, loaded, probabilities, cams, image)
     assert LabelInterface(config).validate_prediction(prediction, return_errors=True) in (True, [])
     regions = [r for r in prediction["result"] if r["type"] != "choices"]
-    assert len(regions) == settings.heatmap_max_findings
+    assert len(regions) == settings.heatmap.max_findings
     assert {r["type"] for r in regions} == {kind}
-    top = [loaded.labels[k] for k in np.argsort(-probabilities)[: settings.heatmap_max_findings]]
+    top = [loaded.labels[k] for k in np.argsort(-probabilities)[: settings.heatmap.max_findings]]
     assert [r["value"][kind][0] for r in regions] == top
     for region, k in zip(regions, np.argsort(-probabilities), strict=False):
         assert (region["original_width"], region["original_height"]) == (W, H)
@@ -254,7 +260,9 @@ def test_predictions_at_clinical_size_validate_with_the_sdk(model_and_settings, 
         assert alpha.max() >= 200 and (alpha == 0).any() and len(np.unique(alpha)) > 8
     if kind == "bitmasklabels":
         # the same heat in both formats: PNG and RLE decode to identical masks
-        rle = Predictor(settings).task_prediction(parse_label_config(CHEST_CONFIG), loaded, probabilities, cams, image)
+        rle = build_prediction(
+            settings.heatmap, parse_label_config(CHEST_CONFIG), loaded, probabilities, cams, image.width, image.height
+        )
         for png_region, rle_region in zip(regions, [r for r in rle["result"] if r["type"] != "choices"], strict=True):
             assert np.array_equal(
                 decode_mask_data_url(png_region["value"]["imageDataURL"], W, H, **LIMITS),
@@ -275,7 +283,7 @@ def test_predict_uses_png_for_a_bitmask_project(model_and_settings, nih_manifest
     for prediction in results[:3]:
         assert interface.validate_prediction(prediction, return_errors=True) in (True, [])
         masks = [r for r in prediction["result"] if r["type"] == "bitmasklabels"]
-        assert len(masks) == settings.heatmap_max_findings
+        assert len(masks) == settings.heatmap.max_findings
         for region in masks:
             size = (region["original_width"], region["original_height"])
             assert png_data_url_size(region["value"]["imageDataURL"], 10**6) == size
@@ -286,8 +294,8 @@ def test_brush_config_output_is_unchanged_by_the_refactor(model_and_settings, cl
     settings, loaded = model_and_settings
     image, probabilities, cams = clinical
     small = LoadedImage(image.pixels[:64, :64], 64, 64)
-    prediction = Predictor(settings).task_prediction(
-        parse_label_config(CHEST_CONFIG), loaded, probabilities, cams, small
+    prediction = build_prediction(
+        settings.heatmap, parse_label_config(CHEST_CONFIG), loaded, probabilities, cams, small.width, small.height
     )
     brush = [r for r in prediction["result"] if r["type"] == "brushlabels"]
     assert brush and all(isinstance(r["value"]["rle"], list) and r["value"]["format"] == "rle" for r in brush)
@@ -303,7 +311,9 @@ def test_an_unedited_prediction_reads_back_as_the_same_evidence_in_both_formats(
     image, probabilities, cams = clinical
     masks = {}
     for config in (BITMASK_CONFIG, CHEST_CONFIG):
-        prediction = Predictor(settings).task_prediction(parse_label_config(config), loaded, probabilities, cams, image)
+        prediction = build_prediction(
+            settings.heatmap, parse_label_config(config), loaded, probabilities, cams, image.width, image.height
+        )
         region = next(r for r in prediction["result"] if r["type"] != "choices")
         masks[region["type"]] = decode_region(parse_region(region["type"], region, settings), W, H, settings)
     assert masks["bitmasklabels"].any() and not masks["bitmasklabels"].all()

@@ -101,7 +101,7 @@ def _template(name: str) -> dict:
 def fuzz_client(tmp_path_factory, file_server, file_root, redis_url):
     from conftest import TOKEN
 
-    from ml_backend.config import Settings
+    from ml_backend.config import HeatmapSettings, Settings
 
     shutil.copy(shared_or_skip(NIH) / "images" / "00000001_000.png", file_root / "fuzz.png")
     settings = replace(
@@ -111,7 +111,7 @@ def fuzz_client(tmp_path_factory, file_server, file_root, redis_url):
         label_studio_api_key=TOKEN,
         redis_url=redis_url,
         max_projects=3,  # fuzzed project ids must not each cost a model: the cap answers 403 instead
-        heatmap_max_findings=1,
+        heatmap=HeatmapSettings(max_findings=1),
     )
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield client

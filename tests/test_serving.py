@@ -92,7 +92,7 @@ def test_predict_findings_probabilities_and_heatmaps(client, ls_request, nih_fil
         assert set(choices[0]["value"]["choices"]) == (predicted or {"No Finding"})
         brushes = [r for r in prediction["result"] if r["type"] == "brushlabels"]
         # a heatmap for each predicted finding, the most probable HEATMAP_MAX_FINDINGS of them
-        cap = client.app.state.settings.heatmap_max_findings
+        cap = client.app.state.settings.heatmap.max_findings
         top = set(sorted(predicted, key=lambda k: -probabilities[k])[:cap])
         assert {b["value"]["brushlabels"][0] for b in brushes} == top
         for brush in brushes:

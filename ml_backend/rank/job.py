@@ -4,7 +4,7 @@ Stages (each logged, and kept in the rq job's meta and in Redis ``mdb:<p>:rank``
 
 1. read the project (label config -> findings) and load the live model from ``ModelRegistry``;
 2. list the tasks (minimal fields, paged); candidates are tasks nobody annotated or skipped;
-3. predict the candidates in batches with ``Predictor.load_images`` + ``run_model``; each batch's compact
+3. predict the candidates in batches with ``TaskImageLoader.load_all`` + ``run_model``; each batch's compact
    outputs (probabilities, CAMs, pooled features, image size) go to a checkpoint under
    ``MODEL_DIR/projects/<p>/ranking/<version>/``, so a rerun predicts only what is missing;
 4. priors from the annotations so far (the backend's annotation store, else Label Studio): label counts,
@@ -44,13 +44,15 @@ import torch
 
 from ml_backend.config import Settings
 from ml_backend.feedback.annotations import AnnotationError, AnnotationRecord, parse_annotation
+from ml_backend.inference.model_outputs import run_model
+from ml_backend.inference.results import build_prediction
+from ml_backend.inference.task_images import TaskImageLoader
 from ml_backend.io.images import LoadedImage
 from ml_backend.io.label_config import LabelConfigError, ProjectSchema, parse_label_config
 from ml_backend.models.registry import LoadedModel, ModelRegistry
 from ml_backend.models.store import VersionStore, project_key
 from ml_backend.rank.priors import Priors, priors_from_records
 from ml_backend.rank.strategy import RankConfig, RankedItem, RankInputs, mc_probabilities_from_features, rank_candidates
-from ml_backend.serve.predictor import Predictor, run_model
 
 log = logging.getLogger(__name__)
 
@@ -474,13 +476,13 @@ def _predict(
     outputs = {i: o for i, o in outputs.items() if i in wanted}
     missing = [t for t in candidates if int(t["id"]) not in outputs]
     run.progress(stage="predicting", done=len(outputs), total=len(candidates), reused=len(outputs))
-    predictor = Predictor(run.settings)
+    loader = TaskImageLoader(run.settings)
     batch_size = run.options.batch_size or run.settings.predict_batch_size
     chunk = max(batch_size, 32)  # images fetched concurrently per step
     try:
         for start in range(0, len(missing), chunk):
             batch = missing[start : start + chunk]
-            images = predictor.load_images(batch, schema)
+            images = loader.load_all(batch, schema)
             good = [(t, img) for t, img in zip(batch, images, strict=True) if isinstance(img, LoadedImage)]
             for task, img in zip(batch, images, strict=True):
                 if not isinstance(img, LoadedImage):
@@ -497,8 +499,7 @@ def _predict(
                 outputs.update((o.task_id, o) for o in new)
             run.progress(force_log=False, stage="predicting", done=len(outputs), total=len(candidates))
     finally:
-        predictor.pool.shutdown(wait=False)
-        predictor.http.close()
+        loader.close()
     _timed(run, "predict", t0)
     run.progress(stage="predicted", done=len(outputs), total=len(candidates), failed=len(run.skipped))
     return outputs
@@ -611,7 +612,7 @@ def _write(
     if progress.get("key") == ranking["key"] and progress.get("done"):
         first = len(items)
     run.progress(stage="writing predictions", written=first, total=len(items))
-    predictor = Predictor(run.settings)
+    pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rank-write")  # heatmap encoding
     version = ranking["version"]
     updated = 0
     written = first
@@ -629,9 +630,9 @@ def _write(
             has_own = {t for t in (i["task"] for i in chunk) if version in _versions(current[t])}
 
             def build(item: dict[str, Any]) -> dict[str, Any]:
-                return _prediction(predictor, schema, loaded, outputs[item["task"]], item, ranking["strategy"])
+                return _prediction(run.settings, schema, loaded, outputs[item["task"]], item, ranking["strategy"])
 
-            payload = list(predictor.pool.map(build, chunk))
+            payload = list(pool.map(build, chunk))
             fresh = [p for p in payload if p["task"] not in has_own]
             left = _update_version_predictions(run.client, [p for p in payload if p["task"] in has_own], version)
             updated += len(payload) - len(fresh) - len(left)
@@ -641,15 +642,14 @@ def _write(
             checkpoint.save_progress(ranking["key"], written=written, done=False)
             run.progress(force_log=False, stage="writing predictions", written=written, total=len(items))
     finally:
-        predictor.pool.shutdown(wait=False)
-        predictor.http.close()
+        pool.shutdown(wait=False)
     checkpoint.save_progress(ranking["key"], written=len(items), done=True)
     _timed(run, "write", t0)
     return written - first, updated
 
 
 def _prediction(
-    predictor: Predictor,
+    settings: Settings,
     schema: ProjectSchema,
     loaded: LoadedModel,
     output: TaskOutput,
@@ -657,9 +657,10 @@ def _prediction(
     strategy: str,
 ) -> dict[str, Any]:
     """The prediction ``/predict`` would return for the task, with the ranking's score and reason."""
-    image = LoadedImage(np.zeros((0, 0), dtype=np.float32), output.width, output.height)  # only the size is used
     cams = torch.from_numpy(output.cams.astype(np.float32))
-    prediction = predictor.task_prediction(schema, loaded, output.probabilities, cams, image)
+    prediction = build_prediction(
+        settings.heatmap, schema, loaded, output.probabilities, cams, output.width, output.height
+    )
     ranking = {k: item[k] for k in ("rank", "score", "priority", "reason", "signals")}
     ranking["strategy"] = strategy
     result = prediction["result"]
