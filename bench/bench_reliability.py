@@ -318,7 +318,7 @@ def wait_trained(model_dir: Path, project: int, task_ids: set[int], timeout_s: f
     while time.monotonic() - started < timeout_s:
         live = store.live_version(str(project))
         if live and live != "v0":
-            trained = set(store.info(str(project), live).meta.get("training", {}).get("task_ids", []))
+            trained = set((store.info(str(project), live).meta.training or {}).get("task_ids", []))
             if task_ids <= trained:
                 return live, time.monotonic() - started
         time.sleep(0.5)

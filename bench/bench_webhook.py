@@ -463,7 +463,7 @@ def part_round(app: AppServer, conn: Any, env: dict[str, str], n: int, epochs: i
             version, sent, received = ask()
             if version != "v0" and (not versions_seen or versions_seen[-1]["version"] != version):
                 meta = store.info(project, version).meta
-                tasks = set(meta["training"]["task_ids"])
+                tasks = set((meta.training or {})["task_ids"])
                 versions_seen.append(
                     {
                         "version": version,
@@ -495,7 +495,7 @@ def part_round(app: AppServer, conn: Any, env: dict[str, str], n: int, epochs: i
     job = fetch_job(conn, job_ids[0])
     final = versions_seen[-1]
     meta = store.info(project, final["version"]).meta
-    training = meta["training"]
+    training = meta.training or {}
     log_stages = worker_log_stages(log_path)
 
     def stage_time(stage: str, epoch: int | None = None) -> float | None:

@@ -139,7 +139,7 @@ def test_a_job_without_held_out_patients_keeps_a_candidate_that_activate_promote
         assert result["status"] == "candidate", result
         assert "held-out images" in result["promotion"] and "activate" in result["promotion"]
         store = client.app.state.registry.store
-        assert store.live_version("31") == "v0" and store.info("31", "v1").meta["promotion"]["promote"] is False
+        assert store.live_version("31") == "v0" and store.info("31", "v1").meta.promotion["promote"] is False
         summary = client.get("/versions", params={"project": "31"}).json()["projects"]["31"]
         v1 = next(v for v in summary["versions"] if v["version"] == "v1")
         assert summary["live"] == "v0" and v1["promoted"] is False and "candidate" in v1["promotion"]

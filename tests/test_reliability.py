@@ -227,7 +227,7 @@ def _assert_trained_everything(settings, result: dict, tasks: list[int]) -> None
     assert result["status"] == "trained" and result["version"] == "v1", result
     store = VersionStore(settings.model_dir)
     assert store.live_version("5") == "v1" and [v.version for v in store.list_versions("5")] == ["v0", "v1"]
-    assert store.info("5", "v1").meta["training"]["task_ids"] == tasks
+    assert store.info("5", "v1").meta.training["task_ids"] == tasks
 
 
 @pytest.mark.slow

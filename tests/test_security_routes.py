@@ -108,7 +108,7 @@ def test_only_setup_or_project_updated_change_the_label_set(client_factory, ls_r
     answer = client.post("/webhook", json=event)
     assert answer.status_code == 200, answer.text
     assert answer.json()["model_version"] == "v1"
-    assert client.app.state.registry.store.info("21", "v1").meta["kind"] == "label-set-change"
+    assert client.app.state.registry.store.info("21", "v1").meta.kind == "label-set-change"
 
 
 @pytest.fixture()

@@ -129,13 +129,13 @@ def test_webhook_to_new_version_served_by_predict(loop_env, redis_conn, ls_reque
         assert result["regions_skipped"]["reasons"] == {"mask is 128x128 but the image is 64x64": 1}  # it is skipped
 
         info = VersionStore(settings.model_dir).info("5", "v1")
-        training = info.meta["training"]
+        training = info.meta.training
         # every annotation acknowledged before the job started is in its training set
         assert training["task_ids"] == sorted([500 + i for i in range(len(records))] + [900, 901])
         assert training["annotations_used"] + training["holdout"] == len(records) + 1  # + 901, without its mask
         assert training["masked_ignore"] > 0 and training["masked_evidence_pairs"] > 0
         assert training["history"][0]["prediction"] > 0 and "ignore_gradient" in training["history"][0]
-        assert info.meta["parent"] == "v0" and info.meta["metrics"]["n_images"] == training["holdout"]
+        assert info.meta.parent == "v0" and info.meta.metrics["n_images"] == training["holdout"]
 
         started = time.perf_counter()
         body = ls_request("predict")
@@ -229,6 +229,5 @@ def test_killed_training_leaves_the_live_version_intact(loop_env, redis_conn) ->
     assert [v.version for v in store.list_versions("5")] == ["v0", "v1"]
     assert store.live_version("5") == "v1"
     assert (
-        store.info("5", "v1").meta["training"]["annotations_used"] + store.info("5", "v1").meta["training"]["holdout"]
-        == 12
+        store.info("5", "v1").meta.training["annotations_used"] + store.info("5", "v1").meta.training["holdout"] == 12
     )

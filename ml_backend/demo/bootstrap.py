@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ml_backend.config import Settings
 from ml_backend.demo import synthetic
@@ -65,8 +66,6 @@ def train_bootstrap(
     holdout = synthetic.generate(work_dir / "check", n=40, size=config.size, seed=config.seed + 1)
 
     def examples(folder: Path, recs: list[dict[str, Any]]) -> list[Example]:
-        from PIL import Image
-
         out = []
         for record in recs:
             pixels = np.asarray(Image.open(folder / record["image"]).convert("L"), dtype=np.float32) / 255
@@ -146,6 +145,6 @@ def install_bootstrap(
     """Make the bootstrapped model the project's v0, unless the project already has a version."""
     if store.live_version(project) is not None:
         return False
-    meta = {**initial_meta(settings, labels), "kind": "demo-bootstrap", "training": {"bootstrap": summary}}
+    meta = initial_meta(settings, labels).but(kind="demo-bootstrap", training={"bootstrap": summary})
     store.save_version(project, state, meta, version="v0")
     return True

@@ -32,9 +32,9 @@ def project_versions(store: VersionStore, project: str) -> list[dict[str, Any]]:
     return [
         {
             "version": info.version,
-            "created_at": info.meta.get("created_at"),
-            "parent": info.meta.get("parent"),
-            "metrics": info.meta.get("metrics") or {},
+            "created_at": info.meta.created_at,
+            "parent": info.meta.parent,
+            "metrics": info.meta.metrics or {},
             "examples": _examples(info.path / "examples.npz"),
         }
         for info in store.list_versions(project)

@@ -7,7 +7,6 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 from ml_backend.config import Settings
 from ml_backend.explain.cam import HeatmapExplainer
 from ml_backend.models.classifier import build_classifier, normalisation, pick_device, timm_api
-from ml_backend.models.store import VersionInfo, VersionStore
+from ml_backend.models.store import VersionInfo, VersionMeta, VersionStore
 
 log = logging.getLogger(__name__)
 
@@ -51,32 +50,32 @@ class LoadedModel:
     std: tuple[float, ...]
     thresholds: np.ndarray
     device: torch.device
-    meta: dict[str, Any]
+    meta: VersionMeta
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def model_from_version(info: VersionInfo, store: VersionStore, device: torch.device) -> nn.Module:
     meta = info.meta
-    model = build_classifier(meta["backbone"], len(meta["labels"]), output_stride=meta.get("output_stride", 32))
+    model = build_classifier(meta.backbone, len(meta.labels), output_stride=meta.output_stride)
     model.load_state_dict(store.load_state(info))
     return model.to(device).eval()
 
 
-def initial_meta(settings: Settings, labels: tuple[str, ...]) -> dict[str, Any]:
-    return {
-        "backbone": settings.backbone,
-        "labels": list(labels),
-        "input_size": settings.input_size,
-        "output_stride": settings.output_stride,
-        "pretrained": settings.pretrained,
-        "parent": None,
-        "kind": "initial",
-    }
+def initial_meta(settings: Settings, labels: tuple[str, ...]) -> VersionMeta:
+    return VersionMeta(
+        backbone=settings.backbone,
+        labels=tuple(labels),
+        input_size=settings.input_size,
+        output_stride=settings.output_stride,
+        pretrained=settings.pretrained,
+    )
 
 
-def remap_head(model: nn.Module, old_labels: tuple[str, ...], new_labels: tuple[str, ...], meta: dict) -> nn.Module:
+def remap_head(
+    model: nn.Module, old_labels: tuple[str, ...], new_labels: tuple[str, ...], meta: VersionMeta
+) -> nn.Module:
     """A model for a new label set that keeps the backbone and the head rows of findings it already knew."""
-    new_model = build_classifier(meta["backbone"], len(new_labels), output_stride=meta.get("output_stride", 32))
+    new_model = build_classifier(meta.backbone, len(new_labels), output_stride=meta.output_stride)
     old_state = model.state_dict()
     head = timm_api(new_model).get_classifier()
     head_names = {name for name, module in new_model.named_modules() if module is head}
@@ -112,29 +111,28 @@ class ModelRegistry:
         ``/setup``, ``PROJECT_UPDATED`` and the project's own jobs may change the model everyone sees.
         """
         live = self.store.live_version(project)
-        if live is not None and tuple(self.store.info(project, live).meta["labels"]) == tuple(labels):
+        if live is not None and self.store.info(project, live).meta.labels == tuple(labels):
             return live
         with self._lock:
             live = self.store.live_version(project)
             if live is None:
                 return self._create_initial(project, labels)
             info = self.store.info(project, live)
-            if tuple(info.meta["labels"]) == tuple(labels):
+            if info.meta.labels == tuple(labels):
                 return live
             if not allow_label_change:
-                raise LabelSetMismatch(project, tuple(info.meta["labels"]), tuple(labels))
+                raise LabelSetMismatch(project, info.meta.labels, tuple(labels))
             old = model_from_version(info, self.store, torch.device("cpu"))
-            model = remap_head(old, tuple(info.meta["labels"]), tuple(labels), info.meta)
-            meta = {
-                **info.meta,
-                "labels": list(labels),
-                "parent": live,
-                "kind": "label-set-change",
-                "created_at": None,
-                "thresholds": None,
-                "training": None,
-                "metrics": None,
-            }
+            model = remap_head(old, info.meta.labels, tuple(labels), info.meta)
+            meta = info.meta.but(
+                labels=tuple(labels),
+                parent=live,
+                kind="label-set-change",
+                created_at=None,
+                thresholds=None,
+                training=None,
+                metrics=None,
+            )
             new = self.store.save_version(project, model.state_dict(), meta)
             log.info("project %s: label set changed, %s -> %s", project, live, new.version)
             return new.version
@@ -200,17 +198,17 @@ class ModelRegistry:
     def _load(self, project: str, version: str) -> LoadedModel:
         info = self.store.info(project, version)
         model = model_from_version(info, self.store, self.device)
-        labels = tuple(info.meta["labels"])
-        thresholds = info.meta.get("thresholds") or [self.settings.threshold] * len(labels)
+        labels = info.meta.labels
+        thresholds = info.meta.thresholds or [self.settings.threshold] * len(labels)
         mean, std = normalisation(model)
-        log.info("project %s: loaded %s (%s, %d findings)", project, version, info.meta["backbone"], len(labels))
+        log.info("project %s: loaded %s (%s, %d findings)", project, version, info.meta.backbone, len(labels))
         return LoadedModel(
             project=project,
             version=version,
             labels=labels,
             model=model,
             explainer=HeatmapExplainer(model),
-            input_size=int(info.meta.get("input_size", self.settings.input_size)),
+            input_size=info.meta.input_size,
             mean=mean,
             std=std,
             thresholds=np.asarray(thresholds, dtype=np.float32),

@@ -17,7 +17,8 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,75 @@ class StorageQuotaExceeded(RuntimeError):
 
 
 @dataclass(frozen=True)
+class VersionMeta:
+    """A version's ``meta.json``: the one place its keys are named. Keys this code does not know (written by a
+    newer or older release) are kept in ``extra`` and written back unchanged."""
+
+    backbone: str
+    labels: tuple[str, ...]
+    input_size: int
+    output_stride: int = 32
+    pretrained: str | None = None
+    kind: str = "initial"  # initial | label-set-change | fine-tuned | demo-bootstrap
+    parent: str | None = None
+    version: str = ""  # set by VersionStore.save_version
+    project: str = ""
+    created_at: str | None = None
+    thresholds: tuple[float, ...] | None = None  # per finding; None = THRESHOLD for all
+    trained_generation: int | None = None  # the annotation store generation it was trained on
+    training: dict[str, Any] | None = None  # what the job did (counts, history, config, skipped regions)
+    metrics: dict[str, Any] | None = None  # measure/metrics.py's payload on the held-out patients
+    promotion: dict[str, Any] | None = None  # train/promotion.py's decision and its numbers
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> VersionMeta:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        values = {k: v for k, v in raw.items() if k in known}
+        values["labels"] = tuple(values.get("labels") or ())
+        if values.get("thresholds") is not None:
+            values["thresholds"] = tuple(float(t) for t in values["thresholds"])
+        return cls(**values, extra={k: v for k, v in raw.items() if k not in known})
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.extra)
+        for f in fields(self):
+            if f.name != "extra":
+                value = getattr(self, f.name)
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """One line's worth for /versions and ``medebiaser versions``."""
+        training, metrics, promotion = self.training or {}, self.metrics or {}, self.promotion or {}
+        return {
+            "version": self.version,
+            "parent": self.parent,
+            "created_at": self.created_at,
+            "kind": self.kind,
+            "annotations": training.get("annotations_used"),
+            "macro_f1": metrics.get("macro_f1"),
+            "macro_auroc": metrics.get("macro_auroc"),
+            # A version the promotion gate kept back says why; `medebiaser activate` can still make it live.
+            "promoted": promotion.get("promote"),
+            "promotion": promotion.get("reason"),
+        }
+
+    def but(self, **changes: Any) -> VersionMeta:
+        """A copy with ``changes`` (dataclasses.replace)."""
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
 class VersionInfo:
     project: str
     version: str
     path: Path
-    meta: dict[str, Any]
+    meta: VersionMeta
+
+
+def _read_meta(version_dir: Path) -> VersionMeta:
+    return VersionMeta.from_json(json.loads((version_dir / "meta.json").read_text()))
 
 
 def project_key(project: Any) -> str:
@@ -105,7 +170,7 @@ class VersionStore:
         for path in folder.iterdir():
             match = _VERSION.match(path.name)
             if match and (path / "meta.json").is_file():
-                infos.append(VersionInfo(project, path.name, path, json.loads((path / "meta.json").read_text())))
+                infos.append(VersionInfo(project, path.name, path, _read_meta(path)))
         return sorted(infos, key=lambda info: int(info.version[1:]))  # names matched _VERSION: v<n>
 
     def projects(self) -> list[str]:
@@ -115,7 +180,7 @@ class VersionStore:
         path = self.project_dir(project) / "versions" / version
         if not (path / "meta.json").is_file():
             raise VersionNotFound(f"project {project} has no version {version!r}")
-        return VersionInfo(project, version, path, json.loads((path / "meta.json").read_text()))
+        return VersionInfo(project, version, path, _read_meta(path))
 
     def load_state(self, info: VersionInfo) -> dict[str, torch.Tensor]:
         return torch.load(info.path / "model.pt", map_location="cpu", weights_only=True)
@@ -124,7 +189,7 @@ class VersionStore:
         self,
         project: str,
         state_dict: dict[str, torch.Tensor],
-        meta: dict[str, Any],
+        meta: VersionMeta,
         *,
         version: str | None = None,
         make_live: bool = True,
@@ -153,13 +218,8 @@ class VersionStore:
                 (staging / name).write_bytes(payload)
             for _attempt in range(100):
                 name = version or self._next_name(versions_dir)
-                full_meta = {
-                    **meta,
-                    "version": name,
-                    "project": project,
-                    "created_at": meta.get("created_at") or _utc_now(),
-                }
-                _write_atomic(staging / "meta.json", json.dumps(full_meta, indent=2).encode())
+                full_meta = meta.but(version=name, project=project, created_at=meta.created_at or _utc_now())
+                _write_atomic(staging / "meta.json", json.dumps(full_meta.to_json(), indent=2).encode())
                 _fsync_dir(staging)
                 try:
                     os.rename(staging, versions_dir / name)  # atomic; fails if the name was taken meanwhile

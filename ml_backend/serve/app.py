@@ -174,7 +174,7 @@ class _Routes:
         detail: dict[str, dict[str, Any]] = {
             p: {
                 "live": self.store.live_version(p),
-                "versions": [_version_summary(v.meta) for v in self.store.list_versions(p)],
+                "versions": [v.meta.summary() for v in self.store.list_versions(p)],
             }
             for p in projects
         }
@@ -280,20 +280,3 @@ def _refusal(request: Request, settings: Settings) -> Response | None:
     if settings.webhook_secret and is_webhook and not webhook_secret_ok(given_secret, settings):
         return _error(401, "webhook secret missing or wrong", "send it as header X-Webhook-Secret or ?token=")
     return None
-
-
-def _version_summary(meta: dict[str, Any]) -> dict[str, Any]:
-    training = meta.get("training") or {}
-    metrics = meta.get("metrics") or {}
-    return {
-        "version": meta.get("version"),
-        "parent": meta.get("parent"),
-        "created_at": meta.get("created_at"),
-        "kind": meta.get("kind"),
-        "annotations": training.get("annotations_used"),
-        "macro_f1": metrics.get("macro_f1"),
-        "macro_auroc": metrics.get("macro_auroc"),
-        # A version the promotion gate kept back says why; `medebiaser activate` can still make it live.
-        "promoted": (meta.get("promotion") or {}).get("promote"),
-        "promotion": (meta.get("promotion") or {}).get("reason"),
-    }

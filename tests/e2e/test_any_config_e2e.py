@@ -253,7 +253,7 @@ def test_own_label_config_nothing_lost(
             if pointed not in seen:
                 seen.append(pointed)
             if pointed not in ("v0", "MEDebiaser"):
-                training = store.info(str(project), pointed).meta["training"]
+                training = store.info(str(project), pointed).meta.training
                 if training["annotations_used"] + training["holdout"] == N_ANNOTATED:
                     break
             assert time.monotonic() < deadline, f"no version trained on all annotations:\n{process.log_tail()}"
@@ -263,10 +263,10 @@ def test_own_label_config_nothing_lost(
     key_ = str(project)
     assert store.live_version(key_) == pointed
     meta = store.info(key_, pointed).meta
-    training = meta["training"]
+    training = meta.training
     assert training["annotations_used"] + training["holdout"] == N_ANNOTATED, training  # trained on all of them
     assert training["masked_ignore"] >= 1, "the Artifact / Chest drain regions act as ignore masks"
-    fairness, coverage = meta["metrics"]["fairness"], meta["metrics"]["fairness_coverage"]
+    fairness, coverage = meta.metrics["fairness"], meta.metrics["fairness_coverage"]
     assert coverage["sex"]["measured"], coverage["sex"]  # Equalized Odds by sex, from the tasks' PatientSex
     by_sex = [v["eod"] for v in fairness["sex"]["per_finding"].values() if v["eod"] is not None]
     assert by_sex and fairness["sex"]["worst_ci"] is not None, fairness["sex"]

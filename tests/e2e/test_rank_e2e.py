@@ -216,7 +216,7 @@ def test_new_version_takes_over_the_queue(client, backend, project) -> None:
     generator = np.random.default_rng(0)
     for name in ("fc.weight", "fc.bias"):  # a "fine-tuned" head: a different ranking
         state[name] = state[name] + 0.5 * state[name].new_tensor(generator.normal(size=tuple(state[name].shape)))
-    store.save_version(str(pid), state, {**v0.meta, "parent": "v0", "kind": "fine-tuned", "created_at": None})
+    store.save_version(str(pid), state, v0.meta.but(parent="v0", kind="fine-tuned", created_at=None))
     assert store.live_version(str(pid)) == "v1"
 
     summary = rank_project(pid, settings, RankOptions(write_batch=4), registry=registry)
