@@ -1,4 +1,7 @@
-"""``medebiaser``: serve the backend, run training workers, inspect jobs and versions, roll back."""
+"""``medebiaser``: serve the backend, run training workers, inspect jobs and versions, roll back.
+
+Each subcommand imports what it needs inside its function: ``medebiaser --help`` and the light commands must not
+pay for torch, timm and uvicorn (several seconds on a small machine)."""
 
 from __future__ import annotations
 
@@ -49,11 +52,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             settings = replace(settings, redis_url=url)
             # With the embedded Redis this process also owns the training workers (they get the URL, password
             # included, through their environment, never on a command line).
-            os.environ["REDIS_URL"] = url
+            worker_env = {**os.environ, "REDIS_URL": url}
             for _ in range(n_workers):
-                workers.append(
-                    subprocess.Popen([sys.executable, "-m", "ml_backend.cli", "worker"], env=os.environ.copy())
-                )
+                workers.append(subprocess.Popen([sys.executable, "-m", "ml_backend.cli", "worker"], env=worker_env))
             log.info("embedded Redis at %s with %d worker(s)", redacted(url), len(workers))
         # uvicorn re-raises SIGTERM once it has shut down; with the default handler that would kill this process
         # before the `finally` below stops the workers and the embedded Redis (leaving them running).
@@ -142,17 +143,14 @@ def cmd_versions(args: argparse.Namespace) -> int:
         live = store.live_version(project)
         print(f"project {project}")
         for info in store.list_versions(project):
-            metrics = info.meta.get("metrics") or {}
-            training = info.meta.get("training") or {}
+            line = info.meta.summary()
             print(
-                f"  {'*' if info.version == live else ' '} {info.version:5s} parent={info.meta.get('parent')} "
-                f"created={info.meta.get('created_at')} kind={info.meta.get('kind')} "
-                f"annotations={training.get('annotations_used')} macro_f1={metrics.get('macro_f1')} "
-                f"macro_auroc={metrics.get('macro_auroc')}"
+                f"  {'*' if info.version == live else ' '} {info.version:5s} parent={line['parent']} "
+                f"created={line['created_at']} kind={line['kind']} annotations={line['annotations']} "
+                f"macro_f1={line['macro_f1']} macro_auroc={line['macro_auroc']}"
             )
-            promotion = info.meta.get("promotion") or {}
-            if promotion and not promotion.get("promote") and info.version != live:
-                print(f"          candidate, not live: {promotion.get('reason')}")
+            if info.meta.promotion and not line["promoted"] and info.version != live:
+                print(f"          candidate, not live: {line['promotion']}")
     return 0
 
 

@@ -3,28 +3,33 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    return int(raw) if raw not in (None, "") else default
+class _Env:
+    """Typed reads of one environment mapping (``os.environ`` unless a caller passes its own, as the demo does
+    for the backend it starts: nothing writes ``os.environ`` to configure this process)."""
 
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        self.env = os.environ if env is None else env
 
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    return float(raw) if raw not in (None, "") else default
+    def integer(self, name: str, default: int) -> int:
+        raw = self.env.get(name)
+        return int(raw) if raw not in (None, "") else default
 
+    def number(self, name: str, default: float) -> float:
+        raw = self.env.get(name)
+        return float(raw) if raw not in (None, "") else default
 
-def _env_str(name: str, default: str | None = None) -> str | None:
-    raw = os.environ.get(name)
-    return raw if raw not in (None, "") else default
+    def text(self, name: str, default: str | None = None) -> str | None:
+        raw = self.env.get(name)
+        return raw if raw not in (None, "") else default
 
-
-def _env_on(name: str, default: bool) -> bool:
-    raw = _env_str(name)
-    return default if raw is None else raw.lower() not in ("0", "false", "no", "off")
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self.text(name)
+        return default if raw is None else raw.lower() not in ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -42,17 +47,18 @@ class TrainingSettings:
     mask_propagation: bool = True
 
     @classmethod
-    def from_env(cls) -> TrainingSettings:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> TrainingSettings:
+        e = _Env(environ)
         return cls(
-            epochs=_env_int("TRAIN_EPOCHS", 5),
-            batch_size=_env_int("TRAIN_BATCH_SIZE", 16),
-            lr=_env_float("TRAIN_LR", 3e-4),
-            prediction_loss=_env_str("PRED_LOSS", "wbce") or "wbce",
-            ignore_weight=_env_float("IGNORE_LOSS_WEIGHT", 0.1),
-            evidence_weight=_env_float("EVIDENCE_LOSS_WEIGHT", 0.1),
-            counterfactuals=_env_on("COUNTERFACTUALS", True),
-            artefact_paste_rate=_env_float("ARTEFACT_PASTE_RATE", 0.5),
-            mask_propagation=_env_on("MASK_PROPAGATION", True),
+            epochs=e.integer("TRAIN_EPOCHS", 5),
+            batch_size=e.integer("TRAIN_BATCH_SIZE", 16),
+            lr=e.number("TRAIN_LR", 3e-4),
+            prediction_loss=e.text("PRED_LOSS", "wbce") or "wbce",
+            ignore_weight=e.number("IGNORE_LOSS_WEIGHT", 0.1),
+            evidence_weight=e.number("EVIDENCE_LOSS_WEIGHT", 0.1),
+            counterfactuals=e.flag("COUNTERFACTUALS", True),
+            artefact_paste_rate=e.number("ARTEFACT_PASTE_RATE", 0.5),
+            mask_propagation=e.flag("MASK_PROPAGATION", True),
         )
 
 
@@ -65,11 +71,12 @@ class HeatmapSettings:
     max_findings: int = 4  # heatmaps for at most this many predicted findings per task (0 = all)
 
     @classmethod
-    def from_env(cls) -> HeatmapSettings:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> HeatmapSettings:
+        e = _Env(environ)
         return cls(
-            levels=_env_int("HEATMAP_LEVELS", 64),
-            floor=_env_float("HEATMAP_FLOOR", 0.2),
-            max_findings=_env_int("HEATMAP_MAX_FINDINGS", 4),
+            levels=e.integer("HEATMAP_LEVELS", 64),
+            floor=e.number("HEATMAP_FLOOR", 0.2),
+            max_findings=e.integer("HEATMAP_MAX_FINDINGS", 4),
         )
 
 
@@ -133,60 +140,63 @@ class Settings:
     # like markers/tubes/text ('|'-separated: label names may contain commas), and task data fields of the patient.
     ignore_labels: tuple[str, ...] = ()
     patient_fields: dict[str, str] = field(default_factory=dict)  # attribute -> task data field, e.g. sex=Gender
-    extra: dict[str, str] = field(default_factory=dict)
+    # `make demo`: the Label Studio executable it starts (MEDEBIASER_LS_BIN; default .ls-venv/bin/label-studio).
+    label_studio_bin: Path | None = None
 
     @classmethod
-    def from_env(cls) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        e = _Env(environ)
         return cls(
-            label_studio_url=_env_str("LABEL_STUDIO_URL"),
-            label_studio_api_key=_env_str("LABEL_STUDIO_API_KEY"),
-            model_dir=Path(_env_str("MODEL_DIR", "models") or "models"),
-            redis_url=_env_str("REDIS_URL"),
-            basic_auth_user=_env_str("BASIC_AUTH_USER"),
-            basic_auth_pass=_env_str("BASIC_AUTH_PASS"),
-            webhook_secret=_env_str("WEBHOOK_SECRET"),
-            port=_env_int("PORT", 9090),
-            backbone=_env_str("BACKBONE", "resnet18") or "resnet18",
-            input_size=_env_int("INPUT_SIZE", 224),
-            output_stride=_env_int("OUTPUT_STRIDE", 32),
-            pretrained=_env_str("PRETRAINED"),
-            device=_env_str("DEVICE", "auto") or "auto",
-            heatmap=HeatmapSettings.from_env(),
-            threshold=_env_float("THRESHOLD", 0.5),
-            max_image_pixels=_env_int("MAX_IMAGE_PIXELS", 64_000_000),
-            max_image_bytes=_env_int("MAX_IMAGE_BYTES", 64 * 1024 * 1024),
-            fetch_timeout_s=_env_float("FETCH_TIMEOUT_S", 20.0),
-            predict_batch_size=_env_int("PREDICT_BATCH_SIZE", 8),
-            image_allow_hosts=tuple(v.strip() for v in (_env_str("IMAGE_ALLOW_HOSTS") or "").split(",") if v.strip()),
-            image_roots=tuple(Path(v) for v in (_env_str("IMAGE_ROOTS") or "").split(os.pathsep) if v.strip()),
-            predict_deadline_s=_env_float("PREDICT_DEADLINE_S", 80.0),
-            predict_max_pixels=_env_int("PREDICT_MAX_PIXELS", 256_000_000),
-            fetch_per_request=_env_int("FETCH_PER_REQUEST", 8),
-            fetch_per_host=_env_int("FETCH_PER_HOST", 8),
-            ignore_labels=tuple(v.strip() for v in (_env_str("IGNORE_LABELS") or "").split("|") if v.strip()),
+            label_studio_url=e.text("LABEL_STUDIO_URL"),
+            label_studio_api_key=e.text("LABEL_STUDIO_API_KEY"),
+            model_dir=Path(e.text("MODEL_DIR", "models") or "models"),
+            redis_url=e.text("REDIS_URL"),
+            basic_auth_user=e.text("BASIC_AUTH_USER"),
+            basic_auth_pass=e.text("BASIC_AUTH_PASS"),
+            webhook_secret=e.text("WEBHOOK_SECRET"),
+            port=e.integer("PORT", 9090),
+            backbone=e.text("BACKBONE", "resnet18") or "resnet18",
+            input_size=e.integer("INPUT_SIZE", 224),
+            output_stride=e.integer("OUTPUT_STRIDE", 32),
+            pretrained=e.text("PRETRAINED"),
+            device=e.text("DEVICE", "auto") or "auto",
+            heatmap=HeatmapSettings.from_env(environ),
+            threshold=e.number("THRESHOLD", 0.5),
+            max_image_pixels=e.integer("MAX_IMAGE_PIXELS", 64_000_000),
+            max_image_bytes=e.integer("MAX_IMAGE_BYTES", 64 * 1024 * 1024),
+            fetch_timeout_s=e.number("FETCH_TIMEOUT_S", 20.0),
+            predict_batch_size=e.integer("PREDICT_BATCH_SIZE", 8),
+            image_allow_hosts=tuple(v.strip() for v in (e.text("IMAGE_ALLOW_HOSTS") or "").split(",") if v.strip()),
+            image_roots=tuple(Path(v) for v in (e.text("IMAGE_ROOTS") or "").split(os.pathsep) if v.strip()),
+            predict_deadline_s=e.number("PREDICT_DEADLINE_S", 80.0),
+            predict_max_pixels=e.integer("PREDICT_MAX_PIXELS", 256_000_000),
+            fetch_per_request=e.integer("FETCH_PER_REQUEST", 8),
+            fetch_per_host=e.integer("FETCH_PER_HOST", 8),
+            ignore_labels=tuple(v.strip() for v in (e.text("IGNORE_LABELS") or "").split("|") if v.strip()),
             patient_fields={
                 k.strip(): v.strip()
-                for k, _, v in (p.partition("=") for p in (_env_str("PATIENT_FIELDS") or "").split(","))
+                for k, _, v in (p.partition("=") for p in (e.text("PATIENT_FIELDS") or "").split(","))
                 if k.strip() and v.strip()
             },
-            max_body_bytes=_env_int("MAX_BODY_BYTES", 32 * 1024 * 1024),
-            training=TrainingSettings.from_env(),
-            promotion_gate=_env_on("PROMOTION_GATE", True),
-            promotion_min_holdout=_env_int("PROMOTION_MIN_HOLDOUT", 4),
-            ranking_config=Path(raw) if (raw := _env_str("RANKING_CONFIG")) else None,
-            retrain_min_annotations=_env_int("RETRAIN_MIN_ANNOTATIONS", 10),
-            retrain_quiet_s=_env_float("RETRAIN_QUIET_S", 600.0),
-            max_projects=_env_int("MAX_PROJECTS", 100),
-            max_model_dir_bytes=_env_int("MAX_MODEL_DIR_BYTES", 20 * 1024**3),
-            host=_env_str("HOST", "127.0.0.1") or "127.0.0.1",
-            embedded_workers=_env_int("EMBEDDED_WORKERS", 1),
-            log_level=_env_str("LOG_LEVEL", "INFO") or "INFO",
-            training_lock_ttl_s=_env_float("TRAINING_LOCK_TTL_S", 60.0),
-            job_timeout_s=_env_int("JOB_TIMEOUT_S", 6 * 3600),
-            job_retries=_env_int("JOB_RETRIES", 3),
+            max_body_bytes=e.integer("MAX_BODY_BYTES", 32 * 1024 * 1024),
+            training=TrainingSettings.from_env(environ),
+            promotion_gate=e.flag("PROMOTION_GATE", True),
+            promotion_min_holdout=e.integer("PROMOTION_MIN_HOLDOUT", 4),
+            ranking_config=Path(raw) if (raw := e.text("RANKING_CONFIG")) else None,
+            retrain_min_annotations=e.integer("RETRAIN_MIN_ANNOTATIONS", 10),
+            retrain_quiet_s=e.number("RETRAIN_QUIET_S", 600.0),
+            max_projects=e.integer("MAX_PROJECTS", 100),
+            max_model_dir_bytes=e.integer("MAX_MODEL_DIR_BYTES", 20 * 1024**3),
+            host=e.text("HOST", "127.0.0.1") or "127.0.0.1",
+            embedded_workers=e.integer("EMBEDDED_WORKERS", 1),
+            log_level=e.text("LOG_LEVEL", "INFO") or "INFO",
+            training_lock_ttl_s=e.number("TRAINING_LOCK_TTL_S", 60.0),
+            job_timeout_s=e.integer("JOB_TIMEOUT_S", 6 * 3600),
+            job_retries=e.integer("JOB_RETRIES", 3),
             job_retry_intervals_s=tuple(
-                int(v) for v in (_env_str("JOB_RETRY_INTERVALS_S", "10,60,300") or "").split(",") if v.strip()
+                int(v) for v in (e.text("JOB_RETRY_INTERVALS_S", "10,60,300") or "").split(",") if v.strip()
             ),
-            worker_heartbeat_s=_env_int("WORKER_HEARTBEAT_S", 10),
-            worker_maintenance_s=_env_int("WORKER_MAINTENANCE_S", 60),
+            worker_heartbeat_s=e.integer("WORKER_HEARTBEAT_S", 10),
+            worker_maintenance_s=e.integer("WORKER_MAINTENANCE_S", 60),
+            label_studio_bin=Path(raw) if (raw := e.text("MEDEBIASER_LS_BIN")) else None,
         )

@@ -23,7 +23,6 @@ A second run reuses Label Studio's data, the login and the project (``--fresh`` 
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
@@ -35,7 +34,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,10 +41,11 @@ from typing import Any
 import httpx
 
 from ml_backend.config import Settings
-from ml_backend.connect import ConnectError
+from ml_backend.connect import ConnectError, connect_project
 from ml_backend.demo import synthetic
 from ml_backend.demo.services import PROJECT_ROOT, BackendProcess, LabelStudioProcess, ServiceError, pick_port
 from ml_backend.demo.setup import DemoError, LabelStudioAPI, image_tasks
+from ml_backend.io.label_studio import make_client, set_project_model_version, set_review_view
 
 log = logging.getLogger("medebiaser.demo")
 
@@ -108,17 +107,6 @@ class DemoState:
         path.chmod(0o600)
 
 
-@contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    saved = dict(os.environ)
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 def backend_live_version(backend_url: str, project_id: int) -> str | None:
     answer = httpx.get(f"{backend_url}/versions", params={"project": str(project_id)}, timeout=10).json()
     return (answer.get("projects") or {}).get(str(project_id), {}).get("live")
@@ -132,8 +120,6 @@ def ranking_available() -> bool:
 def retrieve_and_point(api: LabelStudioAPI, project_id: int, backend_url: str) -> dict[str, Any]:
     """Without the ranking job: Label Studio's "Retrieve predictions" for every unlabelled task, then the project
     pointed at the backend's live version, so the review tab orders by that version's scores."""
-    from ml_backend.connect import make_client, set_project_model_version, set_review_view
-
     tasks = api.tasks(project_id)
     todo = [t["id"] for t in tasks if not t.get("is_labeled")]
     started = time.monotonic()
@@ -155,8 +141,6 @@ def retrieve_and_point(api: LabelStudioAPI, project_id: int, backend_url: str) -
 def rank_with_command(api: LabelStudioAPI, project_id: int, env: dict[str, str]) -> dict[str, Any]:
     """``medebiaser rank --project ID``: predicts the unlabelled tasks, stores ranked predictions (heatmaps
     included), points the project at the version and sets up the review tab."""
-    from ml_backend.connect import make_client, set_review_view
-
     started = time.monotonic()
     command = [sys.executable, "-m", "ml_backend.cli", "rank", "--project", str(project_id), "--json"]
     done = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True, check=False)
@@ -207,8 +191,8 @@ class Demo:
         return env
 
     def backend_settings(self) -> Settings:
-        with _environ(self.backend_env()):
-            return Settings.from_env()
+        """The settings the backend this demo starts will read (its environment: ours plus the demo's)."""
+        return Settings.from_env({**os.environ, **self.backend_env()})
 
     def start_bootstrap(self, state: DemoState, image_dir: Path) -> None:
         """Train (or load) the starting model in a thread while Label Studio starts."""
@@ -262,6 +246,7 @@ class Demo:
             password=state.password,
             token=state.token,
             document_root=document_root,
+            ls_bin=self.backend_settings().label_studio_bin,
         )
         first = not (self.var / "label-studio" / "ls.sqlite3").exists()
         print(f"starting Label Studio on port {ls_port}" + (" (first start: migrations, ~1 min)" if first else ""))
@@ -305,8 +290,6 @@ class Demo:
         return project_id
 
     def connect(self, state: DemoState, project_id: int) -> Any:
-        from ml_backend.connect import connect_project
-
         assert self.ls and self.backend
         result = connect_project(
             self.ls.url, state.token, project_id, self.backend.url, webhook_secret=state.webhook_secret

@@ -175,7 +175,7 @@ class LabelStudioProcess(ManagedProcess):
         self.url = f"http://127.0.0.1:{port}"
         self.username, self.password, self.token = username, password, token
         self.document_root = Path(document_root).resolve()
-        self.ls_bin = Path(ls_bin or os.environ.get("MEDEBIASER_LS_BIN") or DEFAULT_LS_BIN)
+        self.ls_bin = Path(ls_bin or DEFAULT_LS_BIN)
 
     def env(self) -> dict[str, str]:
         return label_studio_env(self.data_dir, self.username, self.password, self.token, self.document_root)

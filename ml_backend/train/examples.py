@@ -6,6 +6,7 @@ area-averaged onto the backbone's heatmap grid (the alignment term acts on Grad-
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -95,7 +96,6 @@ def holdout_split(examples: Sequence[Example], fraction: float, min_holdout: int
     is never evaluated on images (or patients) its parent trained on... as far as possible."""
     if len(examples) < 2 * min_holdout:
         return list(range(len(examples))), []
-    import hashlib
 
     def bucket(group: str) -> float:
         return int(hashlib.sha1(group.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF

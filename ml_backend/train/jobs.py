@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -14,12 +16,13 @@ from PIL import Image
 from rq import get_current_job
 
 from ml_backend.config import Settings, TrainingSettings
+from ml_backend.explain.cam import HeatmapExplainer, normalise_maps
 from ml_backend.feedback.annotations import IGNORE, AnnotationRecord, RegionError, decode_region
 from ml_backend.feedback.queue import TRAINING, coalesced_run, connect, key
 from ml_backend.feedback.reconcile import reconcile_with_label_studio
 from ml_backend.feedback.retrain_policy import snapshot_taken
 from ml_backend.feedback.store import AnnotationStore
-from ml_backend.io.images import ImageError, load_image
+from ml_backend.io.images import ImageError, ImageFetcher, load_image
 from ml_backend.io.label_config import parse_label_config
 from ml_backend.measure.metrics import (
     choose_thresholds,
@@ -31,6 +34,7 @@ from ml_backend.measure.metrics import (
 from ml_backend.models.classifier import normalisation, pick_device
 from ml_backend.models.registry import ModelRegistry, model_from_version
 from ml_backend.models.store import VersionStore
+from ml_backend.rank.job import schedule_ranking
 from ml_backend.train.examples import Example, holdout_split, skipped_regions_summary, tensorise
 from ml_backend.train.losses import LossConfig
 from ml_backend.train.mask_propagation import PropagationConfig
@@ -66,7 +70,7 @@ def _progress(**meta: Any) -> None:
 
 
 def record_to_example(
-    record: AnnotationRecord, labels: tuple[str, ...], settings: Settings, http: Any = None
+    record: AnnotationRecord, labels: tuple[str, ...], settings: Settings, http: ImageFetcher | None = None
 ) -> Example:
     """Fetch the image and decode the regions at its natural size; raises ValueError/ImageError with the reason
     when the image cannot be used. A region that cannot be decoded is skipped and listed in ``Example.skipped``
@@ -116,8 +120,8 @@ def _promotion_decision(
     y_true: np.ndarray | None,
     parent_probs: np.ndarray | None,
     new_probs: np.ndarray | None,
-    parent_thresholds: list[float] | None,
-    thresholds: list[float] | None,
+    parent_thresholds: Sequence[float] | None,
+    thresholds: Sequence[float] | None,
 ) -> PromotionDecision:
     """The gate on the held-out patients: parent and candidate scored on the same images (train/promotion.py),
     from the probabilities the evaluation already computed."""
@@ -143,10 +147,6 @@ def example_heatmaps(
     model: torch.nn.Module, held: list[Example], holdout, labels: tuple[str, ...], n: int = 6
 ) -> bytes:
     """Held-out images with the heatmap of their most probable finding, for the version's report."""
-    import io
-
-    from ml_backend.explain.cam import HeatmapExplainer, normalise_maps
-
     buffer = io.BytesIO()
     count = min(n, len(held))
     if count == 0:
@@ -172,7 +172,7 @@ def example_heatmaps(
 
 
 def evaluate_holdout(
-    y_true: np.ndarray, y_prob: np.ndarray, labels: tuple[str, ...], held: list[Example], thresholds: list[float]
+    y_true: np.ndarray, y_prob: np.ndarray, labels: tuple[str, ...], held: list[Example], thresholds: Sequence[float]
 ) -> dict[str, Any]:
     """The shared bias metrics on the held-out annotations: Equalized Odds by sex, age band and site whenever the
     task data has them (bootstrap by patient), and in ``fairness_coverage`` which could not be measured and why."""
@@ -191,19 +191,20 @@ def build_examples(
 ) -> tuple[list[Example], list[dict[str, Any]]]:
     """Examples for every usable record, and a skip list with reasons for the rest (never raises)."""
 
-    def one(record: AnnotationRecord) -> Example | str:
+    def one(record: AnnotationRecord) -> Example | Exception:
         try:
-            return record_to_example(record, labels, settings)
+            return record_to_example(record, labels, settings, fetcher)
         except (ImageError, ValueError) as exc:
-            return str(exc)
+            return exc
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
+    # One fetcher for the job: connections kept alive per host and FETCH_PER_HOST honoured across the threads.
+    with ImageFetcher(settings) as fetcher, ThreadPoolExecutor(max_workers=8) as pool:
         outcomes = list(pool.map(one, records))
     examples = [o for o in outcomes if isinstance(o, Example)]
     skipped = [
-        {"task": r.task_id, "annotation": r.annotation_id, "reason": o}
+        {"task": r.task_id, "annotation": r.annotation_id, "reason": str(o)}
         for r, o in zip(records, outcomes, strict=True)
-        if isinstance(o, str)
+        if isinstance(o, Exception)
     ]
     return examples, skipped
 
@@ -243,7 +244,7 @@ def _train_snapshot(
     registry = ModelRegistry(settings, versions)
     parent_version = registry.ensure_version(project, labels)
     parent = versions.info(project, parent_version)
-    if not force and parent.meta.get("trained_generation") == generation:
+    if not force and parent.meta.trained_generation == generation:
         return {
             "status": "skipped",
             "reason": f"no annotation changed since {parent_version}",
@@ -261,7 +262,7 @@ def _train_snapshot(
 
     device = pick_device(settings.device)
     model = model_from_version(parent, versions, device)
-    input_size = int(parent.meta.get("input_size", settings.input_size))
+    input_size = parent.meta.input_size
     mean, std = normalisation(model)
     grid = heatmap_grid(model, input_size)
     train_data = tensorise([examples[i] for i in train_idx], len(labels), input_size, grid, mean, std)
@@ -274,7 +275,7 @@ def _train_snapshot(
     run = fine_tune(model, train_data, config, progress=lambda m: _progress(**m))
 
     metrics: dict[str, Any] | None = None
-    thresholds = parent.meta.get("thresholds")
+    thresholds = parent.meta.thresholds
     held = [examples[i] for i in holdout_idx]
     y_true: np.ndarray | None = None
     new_probs: np.ndarray | None = None
@@ -286,21 +287,20 @@ def _train_snapshot(
             thresholds = choose_thresholds(y_true, new_probs).tolist()
         current = thresholds if thresholds is not None else [settings.threshold] * len(labels)
         metrics = evaluate_holdout(y_true, new_probs, labels, held, current)
-        parent_thresholds = parent.meta.get("thresholds") or [settings.threshold] * len(labels)
+        parent_thresholds = parent.meta.thresholds or [settings.threshold] * len(labels)
         assert parent_probs is not None  # predicted above whenever there is a holdout
         metrics["parent"] = per_finding_metrics(y_true, parent_probs, labels, parent_thresholds)
         metrics["regions_skipped"] = regions_skipped  # the report states them next to the metrics
     promotion = _promotion_decision(
-        settings, labels, held, y_true, parent_probs, new_probs, parent.meta.get("thresholds"), thresholds
+        settings, labels, held, y_true, parent_probs, new_probs, parent.meta.thresholds, thresholds
     )
-    meta = {
-        **parent.meta,
-        "parent": parent_version,
-        "kind": "fine-tuned",
-        "created_at": None,
-        "thresholds": thresholds,
-        "trained_generation": generation,
-        "training": {
+    meta = parent.meta.but(
+        parent=parent_version,
+        kind="fine-tuned",
+        created_at=None,
+        thresholds=None if thresholds is None else tuple(thresholds),
+        trained_generation=generation,
+        training={
             "annotations_used": len(train_idx),
             "holdout": len(holdout_idx),
             "skipped": skipped,
@@ -314,9 +314,9 @@ def _train_snapshot(
             "reconcile": reconcile_summary,
             "task_ids": sorted(r.task_id for r in records),
         },
-        "metrics": metrics,
-        "promotion": promotion.to_json(),
-    }
+        metrics=metrics,
+        promotion=promotion.to_json(),
+    )
     _progress(stage="saving")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     extra = {"examples.npz": example_heatmaps(model, held, holdout, labels)}
@@ -335,8 +335,6 @@ def _train_snapshot(
     ranking_job = None
     # Re-rank the unlabelled tasks only with a version physicians will see.
     if promotion.promote and settings.label_studio_url and settings.label_studio_api_key:
-        from ml_backend.rank.job import schedule_ranking
-
         ranking_job = schedule_ranking(connect(settings), project, info.version, settings=settings)
     return {
         "status": "trained" if promotion.promote else "candidate",
