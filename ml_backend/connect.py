@@ -17,7 +17,6 @@ Every step reads first and writes only what differs, so running ``connect_projec
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -25,12 +24,38 @@ import httpx
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
+from ml_backend.io.label_studio import (
+    REVIEW_VIEW_TITLE,
+    SCORE_ORDERING,
+    LabelStudioError,
+    ModelVersionNotInProject,
+    body_text,
+    call_sdk,
+    make_client,
+    refused,
+    set_project_model_version,
+    set_review_view,
+    ssrf_blocked,
+)
+
 log = logging.getLogger(__name__)
 
 SECRET_HEADER = "X-Webhook-Secret"
-REVIEW_VIEW_TITLE = "Review queue"
-# Data Manager ordering keys are column ids without the "filter:" prefix; "-" sorts descending.
-SCORE_ORDERING: list[str] = ["-tasks:predictions_score"]
+# One error type for every Label Studio step; the name says where `medebiaser connect` users meet it.
+ConnectError = LabelStudioError
+
+__all__ = [
+    "REVIEW_VIEW_TITLE",
+    "SCORE_ORDERING",
+    "ConnectError",
+    "ConnectResult",
+    "ModelVersionNotInProject",
+    "connect_project",
+    "fetch_backend_version",
+    "make_client",
+    "set_project_model_version",
+    "set_review_view",
+]
 
 SSRF_HINT = (
     "set ML_BLOCK_LOCAL_IP=false and SSRF_PROTECTION_ENABLED=false in the Label Studio server's environment "
@@ -39,15 +64,6 @@ SSRF_HINT = (
 )
 
 T = TypeVar("T")
-
-
-class ConnectError(RuntimeError):
-    """A connection step failed; the message says what to do about it."""
-
-
-class ModelVersionNotInProject(ConnectError):
-    """Label Studio accepts a project model_version only once predictions of that version (or an ML backend
-    titled so) exist; until the first predictions are stored, the project keeps its previous version."""
 
 
 @dataclass(frozen=True)
@@ -65,62 +81,6 @@ class ConnectResult:
     @property
     def changed(self) -> bool:
         return bool(self.changes)
-
-
-# -- plumbing ------------------------------------------------------------------------------------------------
-def make_client(ls_url: str, api_key: str, *, timeout: float = 30.0) -> LabelStudio:
-    """An SDK client for a legacy token or a personal access token (a JWT the SDK exchanges)."""
-    if not api_key:
-        raise ConnectError("no Label Studio API token given: pass --api-key or set LABEL_STUDIO_API_KEY")
-    try:
-        # max_retries=1: the SDK retries 5xx/409/429 with backoff, which only delays a clear error here.
-        return LabelStudio(base_url=ls_url.rstrip("/"), api_key=api_key, timeout=timeout, max_retries=1)
-    except ApiError as exc:  # the SDK rejects an expired or malformed personal access token up front
-        raise _token_error(ls_url, exc) from exc
-
-
-def _body_text(exc: ApiError) -> str:
-    body = exc.body
-    if isinstance(body, dict):
-        for key in ("detail", "validation_errors", "message", "error"):
-            if key in body:
-                return str(body[key])
-    return str(body)
-
-
-def _token_error(ls_url: str, exc: ApiError) -> ConnectError:
-    return ConnectError(
-        f"Label Studio at {ls_url} rejected the API token ({exc.status_code}: {_body_text(exc)}). Use the "
-        "token from Account & Settings in Label Studio: a personal access token, or a legacy token (legacy "
-        "tokens must be enabled in Organization > API Tokens Settings)."
-    )
-
-
-def _call(client: LabelStudio, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run one SDK call; turn transport errors and 401s into ConnectError, let other ApiErrors through."""
-    try:
-        return fn(*args, **kwargs)
-    except ApiError as exc:
-        if exc.status_code == 401:
-            raise _token_error(_base_url(client), exc) from exc
-        raise
-    except httpx.TimeoutException as exc:
-        raise ConnectError(f"Label Studio at {_base_url(client)} did not answer in time to {what}") from exc
-    except httpx.HTTPError as exc:
-        raise ConnectError(
-            f"cannot reach Label Studio at {_base_url(client)} ({exc.__class__.__name__}: {exc}); "
-            "is it running, and is the URL right?"
-        ) from exc
-
-
-def _base_url(client: LabelStudio) -> str:
-    wrapper = getattr(client, "_client_wrapper", None)  # the SDK keeps it there; only used in messages
-    return wrapper.get_base_url() if wrapper is not None else "(Label Studio)"
-
-
-def _ssrf_blocked(exc: ApiError) -> bool:
-    text = _body_text(exc).lower()
-    return exc.status_code == 403 and ("not allowed" in text or "reserved network" in text or "ssrf" in text)
 
 
 def _norm(url: str) -> str:
@@ -192,83 +152,6 @@ def _raise_for_backend(response: httpx.Response, base: str, path: str) -> None:
         )
 
 
-# -- project-level settings, reused by the ranking job after every new model version -------------------------
-def set_project_model_version(client: LabelStudio, project_id: int, model_version: str) -> bool:
-    """Point the project at ``model_version`` so "Prediction score" averages that version's scores.
-
-    Returns True when it changed anything. Raises ModelVersionNotInProject while the project holds no
-    prediction of that version: Label Studio 1.23 validates the field against predictions and backend titles.
-    """
-    project = _call(client, "read the project", client.projects.get, id=project_id)
-    if project.model_version == model_version:
-        return False
-    try:
-        _call(
-            client,
-            "set the project's model version",
-            client.projects.update,
-            id=project_id,
-            model_version=model_version,
-        )
-    except ApiError as exc:
-        if exc.status_code == 400 and "model_version" in str(exc.body):
-            raise ModelVersionNotInProject(
-                f"Label Studio keeps project {project_id} on model version {project.model_version!r} until "
-                f"predictions of {model_version!r} exist ({_body_text(exc)}); retrieve predictions first"
-            ) from exc
-        raise _generic(exc, "set the project's model version") from exc
-    return True
-
-
-def _view_title(view: Any) -> str | None:
-    data = view.data if isinstance(view.data, dict) else {}
-    return data.get("title")
-
-
-def set_review_view(
-    client: LabelStudio,
-    project_id: int,
-    *,
-    title: str = REVIEW_VIEW_TITLE,
-    ordering: list[str] | None = None,
-) -> tuple[int, bool]:
-    """Create or fix the Data Manager tab ``title``, ordered by prediction score (highest first).
-
-    Returns (view id, changed). Filters and columns a user set on that tab are kept; only the ordering is
-    enforced.
-    """
-    ordering = list(ordering or SCORE_ORDERING)
-    views = _call(client, "list Data Manager tabs", client.views.list, project=project_id)
-    existing = sorted((v for v in views if _view_title(v) == title), key=lambda v: v.id or 0)
-    if existing:
-        view = existing[0]
-        data = dict(view.data) if isinstance(view.data, dict) else {}
-        if data.get("ordering") == ordering:
-            return int(view.id), False
-        # PATCH replaces the whole `data` (LS moves `ordering` out of it into its own column): send it all.
-        data["ordering"] = ordering
-        data.setdefault("filters", {"conjunction": "and", "items": []})
-        _call(
-            client,
-            "update the review tab",
-            client.views.update,
-            id=str(view.id),
-            data=data,
-            project=project_id,
-        )
-        return int(view.id), True
-    # The shape the Data Manager itself posts for a new tab, minus UI-only keys it fills in on first display.
-    data = {
-        "title": title,
-        "type": "list",
-        "target": "tasks",
-        "ordering": ordering,
-        "filters": {"conjunction": "and", "items": []},
-    }
-    view = _call(client, "create the review tab", client.views.create, project=project_id, data=data)
-    return int(view.id), True
-
-
 # -- the whole connection ------------------------------------------------------------------------------------
 def connect_project(
     ls_url: str,
@@ -299,14 +182,14 @@ def connect_project(
     changes: list[str] = []
 
     try:
-        project = _call(client, "read the project", client.projects.get, id=project_id)
+        project = call_sdk(client, "read the project", client.projects.get, id=project_id)
     except ApiError as exc:
         if exc.status_code == 404:
             raise ConnectError(
                 f"project {project_id} does not exist in Label Studio at {ls_url}, or this token's user "
                 "cannot see it; check the id in the project's URL (/projects/<id>/...)"
             ) from exc
-        raise _generic(exc, f"read project {project_id}") from exc
+        raise refused(exc, f"read project {project_id}") from exc
 
     if model_version is None:
         created = int(project.created_at.timestamp()) if project.created_at else 0
@@ -332,17 +215,13 @@ def connect_project(
     try:
         view_id, view_changed = set_review_view(client, project_id, title=view_title)
     except ApiError as exc:
-        raise _generic(exc, "create the review tab") from exc
+        raise refused(exc, "create the review tab") from exc
     if view_changed:
         changes.append(f"Data Manager tab {view_title!r} ordered by prediction score")
 
     for change in changes:
         log.info("connect: %s", change)
     return ConnectResult(project_id, ml_id, webhook_ids, model_version, view_id, applied, tuple(changes))
-
-
-def _generic(exc: ApiError, what: str) -> ConnectError:
-    return ConnectError(f"Label Studio refused to {what} ({exc.status_code}: {_body_text(exc)})")
 
 
 def _ensure_ml_backend(
@@ -359,11 +238,11 @@ def _ensure_ml_backend(
     else:
         wanted["auth_method"] = "NONE"
     try:
-        backends = _call(client, "list ML backends", client.ml.list, project=project_id)
+        backends = call_sdk(client, "list ML backends", client.ml.list, project=project_id)
         same = sorted((b for b in backends if _norm(b.url) == backend_url), key=lambda b: b.id or 0)
         if not same:
             add = client.ml.create
-            created = _call(client, "add the ML backend", add, project=project_id, url=backend_url, **wanted)
+            created = call_sdk(client, "add the ML backend", add, project=project_id, url=backend_url, **wanted)
             changes.append(f"ML backend {backend_url} added")
             return int(created.id)
         backend = same[0]
@@ -376,7 +255,7 @@ def _ensure_ml_backend(
             # LS re-validates a PATCH like a create (health check and /setup with the *submitted* fields):
             # without url and project it fails with a 500, without user and password basic auth is refused.
             full = {**wanted, "url": backend_url, "project": project_id}
-            _call(client, "update the ML backend", client.ml.update, id=int(backend.id), **full)
+            call_sdk(client, "update the ML backend", client.ml.update, id=int(backend.id), **full)
             changes.append(f"ML backend {backend.id} updated: {sorted(diff)}")
         return int(backend.id)
     except ApiError as exc:
@@ -384,8 +263,8 @@ def _ensure_ml_backend(
 
 
 def _ml_error(exc: ApiError, backend_url: str) -> ConnectError:
-    text = _body_text(exc)
-    if _ssrf_blocked(exc):
+    text = body_text(exc)
+    if ssrf_blocked(exc):
         return ConnectError(f"Label Studio refused the backend URL {backend_url} ({text}): {SSRF_HINT}")
     if exc.status_code == 403:
         return ConnectError(f"this token's user may not add ML backends to the project (403: {text})")
@@ -397,7 +276,7 @@ def _ml_error(exc: ApiError, backend_url: str) -> ConnectError:
         )
     if "resolve hostname" in text:
         return ConnectError(f"Label Studio cannot resolve the backend's host name in {backend_url} ({text})")
-    return _generic(exc, f"register the ML backend {backend_url}")
+    return refused(exc, f"register the ML backend {backend_url}")
 
 
 def _ensure_webhook_secret(
@@ -407,10 +286,10 @@ def _ensure_webhook_secret(
     # unless SSRF protection refused it or a webhook with that URL already existed.
     webhook_url = f"{backend_url}/webhook"
     try:
-        hooks = _call(client, "list webhooks", client.webhooks.list, project=str(project_id))
+        hooks = call_sdk(client, "list webhooks", client.webhooks.list, project=str(project_id))
         ours = [h for h in hooks if h.project == project_id and _norm(h.url) == webhook_url]
         if not ours:
-            created = _call(
+            created = call_sdk(
                 client,
                 "create the backend's webhook",
                 client.webhooks.create,
@@ -435,10 +314,10 @@ def _ensure_webhook_secret(
             if hook.is_active is False:
                 patch["is_active"] = True
             if patch:
-                _call(client, "update the backend's webhook", client.webhooks.update, id=int(hook.id), **patch)
+                call_sdk(client, "update the backend's webhook", client.webhooks.update, id=int(hook.id), **patch)
                 changes.append(f"webhook {hook.id} updated: {sorted(patch)}")
         return tuple(int(h.id) for h in ours)
     except ApiError as exc:
-        if _ssrf_blocked(exc) or (exc.status_code == 400 and "not allowed" in _body_text(exc).lower()):
+        if ssrf_blocked(exc) or (exc.status_code == 400 and "not allowed" in body_text(exc).lower()):
             raise ConnectError(f"Label Studio refused the webhook URL {webhook_url}: {SSRF_HINT}") from exc
-        raise _generic(exc, f"set up the webhook {webhook_url}") from exc
+        raise refused(exc, f"set up the webhook {webhook_url}") from exc

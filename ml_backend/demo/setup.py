@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import httpx
+from ml_backend.io.label_studio import make_client, rest
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +33,16 @@ class DemoError(RuntimeError):
 
 
 class LabelStudioAPI:
+    """The demo's REST calls, on the adapter's SDK client (``ml_backend.io.label_studio``: auth, timeouts,
+    retries)."""
+
     def __init__(self, url: str, token: str, timeout: float = 120.0) -> None:
         self.url = url.rstrip("/")
         self.token = token
-        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Token {token}"}, timeout=timeout)
+        self.client = make_client(self.url, token, timeout=timeout)
 
     def close(self) -> None:
-        self.http.close()
+        """Nothing to release: the SDK client closes its connections when collected."""
 
     def __enter__(self) -> LabelStudioAPI:
         return self
@@ -48,7 +51,7 @@ class LabelStudioAPI:
         self.close()
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self.http.request(method, path, **kwargs)
+        response = rest(self.client, method, path, **kwargs)
         if response.status_code >= 400:
             raise DemoError(f"Label Studio {method} {path} answered {response.status_code}: {response.text[:800]}")
         if not response.content:
@@ -95,7 +98,7 @@ class LabelStudioAPI:
             params: dict[str, Any] = {"project": project_id, "page": page, "page_size": page_size}
             if view_id is not None:
                 params["view"] = view_id
-            response = self.http.get("/api/tasks", params=params)
+            response = rest(self.client, "GET", "/api/tasks", params=params)
             if response.status_code == 404:  # past the last page
                 break
             if response.status_code >= 400:

@@ -15,39 +15,25 @@ from ml_backend.feedback.annotations import AnnotationError, parse_annotation
 from ml_backend.feedback.store import AnnotationStore
 from ml_backend.feedback.webhook import project_ignore_labels
 from ml_backend.io.label_config import parse_label_config
+from ml_backend.io.label_studio import annotated_tasks, as_dict, client_from_settings, project_label_config
 
 log = logging.getLogger(__name__)
-
-
-def _as_dict(obj: Any) -> dict[str, Any]:
-    if isinstance(obj, dict):
-        return obj
-    return obj.model_dump() if hasattr(obj, "model_dump") else dict(obj)
-
-
-def label_studio_client(settings: Settings) -> Any:
-    from label_studio_sdk import LabelStudio
-
-    if not settings.label_studio_url or not settings.label_studio_api_key:
-        raise RuntimeError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are needed to read from Label Studio")
-    return LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
 
 
 def reconcile_with_label_studio(store: AnnotationStore, project: str, settings: Settings) -> dict[str, Any]:
     """Bring the store in line with Label Studio; returns counts (or the reason it could not)."""
     try:
-        client = label_studio_client(settings)
-        config = client.projects.get(id=int(project)).label_config
+        client = client_from_settings(settings)
+        config = project_label_config(client, int(project))
         store.set_label_config(config)
         schema = parse_label_config(config, ignore_labels=project_ignore_labels(store.conn, project, settings))
         _, existing = store.snapshot()
         known = {r.annotation_id: r for r in existing}
         seen: set[int] = set()
         added = invalid = regions_skipped = 0
-        for task in client.tasks.list(project=int(project), fields="all", only_annotated=True):
-            task_dict = _as_dict(task)
+        for task_dict in annotated_tasks(client, int(project)):
             for annotation in task_dict.get("annotations") or []:
-                annotation = _as_dict(annotation)
+                annotation = as_dict(annotation)
                 try:
                     record = parse_annotation(project, annotation, task_dict, schema, settings=settings)
                 except AnnotationError as exc:
