@@ -245,7 +245,7 @@ def test_predictions_at_clinical_size_validate_with_the_sdk(model_and_settings, 
     schema = parse_label_config(config)
     prediction = _prediction(settings, schema, loaded, probabilities, cams, image)
     assert LabelInterface(config).validate_prediction(prediction, return_errors=True) in (True, [])
-    regions = [r for r in prediction["result"] if r["type"] != "choices"]
+    regions = [r for r in prediction["result"] if r["type"] not in ("choices", "textarea")]
     assert len(regions) == settings.heatmap.max_findings
     assert {r["type"] for r in regions} == {kind}
     top = [loaded.labels[k] for k in np.argsort(-probabilities)[: settings.heatmap.max_findings]]
@@ -263,7 +263,9 @@ def test_predictions_at_clinical_size_validate_with_the_sdk(model_and_settings, 
         rle = build_prediction(
             settings.heatmap, parse_label_config(CHEST_CONFIG), loaded, probabilities, cams, image.width, image.height
         )
-        for png_region, rle_region in zip(regions, [r for r in rle["result"] if r["type"] != "choices"], strict=True):
+        for png_region, rle_region in zip(
+            regions, [r for r in rle["result"] if r["type"] == "brushlabels"], strict=True
+        ):
             assert np.array_equal(
                 decode_mask_data_url(png_region["value"]["imageDataURL"], W, H, **LIMITS),
                 decode_alpha(rle_region["value"]["rle"], H, W),

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CHEST_CONFIG, NIH, shared_or_skip
+from label_studio_sdk.label_interface import LabelInterface
 from torch import nn
 
 from ml_backend.explain.brush_rle import encode_alpha
@@ -352,7 +353,8 @@ class FakeLabelStudio:
         self.fail_import_after: int | None = None  # simulate a crash during the n-th import call
         self.import_calls = 0
         self.projects = SimpleNamespace(get=self._get_project, update=self._update, import_predictions=self._import)
-        self.tasks = SimpleNamespace(list=self._list_tasks)
+        self.tasks = SimpleNamespace(list=self._list_tasks, update=self._update_task)
+        self.task_updates: list[dict[str, Any]] = []  # the data PATCHes (Data Manager columns)
         self.annotations = SimpleNamespace(list=lambda id: self.annotation_data.get(id, []))
         self.predictions = SimpleNamespace(
             list=self._list_predictions, delete=self._delete_prediction, update=self._update_prediction
@@ -377,7 +379,9 @@ class FakeLabelStudio:
     def _versions(self, task_id: int) -> str:
         return ",".join(sorted({p["model_version"] for p in self.prediction_data.values() if p["task"] == task_id}))
 
-    def _list_tasks(self, project: int, include: str, page_size: int, query: str | None) -> list[dict[str, Any]]:
+    def _list_tasks(
+        self, project: int, include: str, page_size: int, query: str | None, resolve_uri: bool | None = None
+    ) -> list[dict[str, Any]]:
         ids = json.loads(query)["selectedItems"]["included"] if query else sorted(self.task_data)
         return [
             {
@@ -389,6 +393,10 @@ class FakeLabelStudio:
             for i in ids
             if i in self.task_data
         ]
+
+    def _update_task(self, id: str, data: dict[str, Any], request_options: dict[str, Any]) -> None:
+        self.task_updates.append({"id": int(id), "data": data, "request_options": request_options})
+        self.task_data[int(id)]["data"] = dict(data)
 
     def _import(self, id: int, request: list[dict[str, Any]]) -> None:
         self.import_calls += 1
@@ -481,6 +489,40 @@ def test_ranking_job_writes_scores_reasons_and_switches_the_project(job_setup) -
     ids_before = set(client.prediction_data)
     forced = rank_project(7, settings, RankOptions(write_batch=4, force=True), client=client, conn=conn)
     assert forced["written"] == 10 and forced["updated_in_place"] == 10 and set(client.prediction_data) == ids_before
+
+
+def test_ranking_job_shows_reasons_and_probabilities_to_the_physician(job_setup) -> None:
+    """The reason on the labelling page (the summary TextArea) and in Data Manager columns (task data)."""
+    settings, client, conn = job_setup
+    summary = rank_project(7, settings, RankOptions(write_batch=4), client=client, conn=conn)
+    assert summary["review_columns"] == {"written": 10, "failed": 0, "cleared": 0}
+    first = summary["top"][0]
+    data = client.task_data[first["task"]]["data"]
+    assert data["image"].startswith("/data/upload/")  # the image reference is kept
+    assert data["review_rank"] == 1 and data["review_reason"] == first["reason"]
+    assert data["review_priority"] == round(first["priority"], 4)
+    assert len([k for k in data if k.startswith("p_")]) == 14 and 0 <= data["p_Effusion"] <= 1
+    assert data["top_probability"] == max(data[k] for k in data if k.startswith("p_"))
+    prediction = next(p for p in client.prediction_data.values() if p["task"] == first["task"])
+    (text,) = [r for r in prediction["result"] if r["type"] == "textarea"]
+    assert (
+        text["value"]["text"][0] == f"In your queue at #1 (priority {first['priority']:.2f}, bias): {first['reason']}"
+    )
+    assert LabelInterface(CHEST_CONFIG).validate_prediction(prediction, return_errors=True) in (True, [])
+    view = client.view_list[0].data
+    assert view["columnsDisplayType"]["tasks:data.review_rank"] == "Number"
+    assert view["columnsDisplayType"]["tasks:data.p_Effusion"] == "Number"
+
+    # Nothing new: no PATCH. Task 102 annotated since: out of the queue, its rank and reason go.
+    patches = len(client.task_updates)
+    assert rank_project(7, settings, RankOptions(write_batch=4), client=client, conn=conn)["written"] == 0
+    assert len(client.task_updates) == patches
+    labelled = 102
+    client.annotation_data[labelled] = [{"id": 3, "result": [], "updated_at": "2026-01-02"}]
+    again = rank_project(7, settings, RankOptions(write_batch=4, force=True), client=client, conn=conn)
+    assert again["review_columns"]["cleared"] == 1
+    data = client.task_data[labelled]["data"]
+    assert "review_rank" not in data and "review_reason" not in data and "p_Effusion" in data
 
 
 def test_interrupted_write_resumes_without_mixing(job_setup) -> None:

@@ -27,6 +27,7 @@ from ml_backend.explain.bitmask_png import BitmaskError, decode_mask_data_url, p
 from ml_backend.io.label_config import ProjectSchema
 
 IGNORE = "__ignore__"  # mask key for "never look here" regions
+SUGGESTED_PREFIX = "suggested-ignore-"  # region ids of the ignore regions the backend suggests
 # Task data fields read as patient metadata, tried in this order (case-insensitive); Settings.patient_fields
 # (PATIENT_FIELDS=sex=Gender,...) names a project's own field first.
 DEFAULT_PATIENT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -72,6 +73,7 @@ class MaskRef:
     geometry: dict[str, Any] | None = None  # rectangle: x, y, width, height, rotation; polygon: points
     data_url: str | None = None
     where: str = ""  # "result[3]": names the region in a skip reason
+    suggested: str = ""  # the region id of a kept suggested ignore region (train/suggestions.py), else ""
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"rle": self.rle, "width": self.width, "height": self.height}
@@ -79,6 +81,8 @@ class MaskRef:
             data.update(kind=self.kind, geometry=self.geometry, data_url=self.data_url)
         if self.where:
             data["where"] = self.where
+        if self.suggested:
+            data["suggested"] = self.suggested
         return data
 
 
@@ -423,6 +427,9 @@ def parse_annotation(
             skip(where, exc.code, str(exc))
             continue
         ref.where = where
+        region_id = item.get("id")
+        if isinstance(region_id, str) and region_id.startswith(SUGGESTED_PREFIX) and len(region_id) <= 64:
+            ref.suggested = region_id  # a suggested ignore region the physician kept
         for key in dict.fromkeys(keys):
             name = key if key not in masks else f"{key}#{index}"  # several regions per label: merged at decode
             masks[name] = ref

@@ -18,6 +18,7 @@ from ml_backend.config import HeatmapSettings
 from ml_backend.explain.bitmask_png import encode_heat_png
 from ml_backend.explain.brush_rle import encode_alpha, encode_alpha_array, heatmap_to_alpha
 from ml_backend.explain.cam import upsample_maps
+from ml_backend.inference.summary import probability_summary
 from ml_backend.io.label_config import ProjectSchema
 from ml_backend.models.registry import LoadedModel
 
@@ -136,4 +137,7 @@ def build_prediction(
                 rle_as_array=rle_as_array,
             )
             result.append(region)
+    summary = probability_summary(schema, loaded.labels, probabilities, loaded.thresholds, loaded.version)
+    if summary is not None:  # what the physician reads on the page, when the config has the control
+        result.append(summary)
     return {"result": result, "score": confidence, "model_version": loaded.version}

@@ -3,8 +3,9 @@
 Any config works that has an ``<Image>`` and a multi-label ``<Choices>`` on it (the findings). Region controls on
 the same image (BrushLabels, RectangleLabels, PolygonLabels, BitmaskLabels) give evidence (a label named like a
 finding) or "never look here" regions (an ignore label: declared, or named like a marker/tube/text); every other
-control (a single-choice quality rating, a TextArea, ...) is left alone. :func:`describe_label_mapping` says how
-each label was read, so a project can check it.
+control (a single-choice quality rating, a TextArea, ...) is left alone, except that a ``<TextArea
+name="model_summary">`` on the image receives the model's read-only summary. :func:`describe_label_mapping` says
+how each label was read, so a project can check it.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ IGNORE_WORDS = (
 )
 _IGNORE = re.compile(r"(?<![\w-])(" + "|".join(re.escape(w) for w in IGNORE_WORDS) + r")(?![\w-])", re.IGNORECASE)
 REGION_TAGS = ("brushlabels", "rectanglelabels", "polygonlabels", "bitmasklabels")
+# A <TextArea> of this name on the image is filled by the backend with every finding's probability and, on ranked
+# tasks, why the task is in the review queue (ml_backend/inference/summary.py); never read for training.
+SUMMARY_CONTROL = "model_summary"
 
 
 class LabelConfigError(ValueError):
@@ -96,6 +100,7 @@ class ProjectSchema:
     region_controls: tuple[RegionControl, ...] = ()  # every region control on the image, brush first
     ignore_labels: tuple[str, ...] = ()  # region labels read as "never look here"
     other_controls: tuple[tuple[str, str], ...] = ()  # (tag, name) of controls this backend leaves alone
+    summary_name: str | None = None  # the read-only TextArea the model's summary goes to (SUMMARY_CONTROL)
 
     @property
     def evidence_labels(self) -> tuple[str, ...]:
@@ -208,6 +213,14 @@ def _parse_cached(config: str, declared_ignore: tuple[str, ...]) -> ProjectSchem
         for control in interface.controls
         if control is not choice_control and control.name not in {c.name for c in regions}
     )
+    summary = next(
+        (
+            control.name
+            for control in interface.controls
+            if control.tag.lower() == "textarea" and control.name == SUMMARY_CONTROL and image.name in control.to_name
+        ),
+        None,
+    )
     value = str(image.value or "")
     return ProjectSchema(
         image_name=image.name,
@@ -225,6 +238,7 @@ def _parse_cached(config: str, declared_ignore: tuple[str, ...]) -> ProjectSchem
         region_controls=tuple(regions),
         ignore_labels=ignore,
         other_controls=others,
+        summary_name=summary,
     )
 
 
@@ -270,6 +284,10 @@ def describe_label_mapping(schema: ProjectSchema) -> list[dict[str, str]]:
                 }
             )
     for tag, name in schema.other_controls:
+        if name == schema.summary_name:
+            why = "filled by the model: every finding's probability and the review reason; not read"
+            rows.append({"control": name, "tag": tag.lower(), "label": "", "role": "model summary", "why": why})
+            continue
         rows.append({"control": name, "tag": tag.lower(), "label": "", "role": "not used", "why": "not read"})
     return rows
 

@@ -14,7 +14,9 @@ Stages (each logged, and kept in the rq job's meta and in Redis ``mdb:<p>:rank``
    included) whose ``score`` is ``1 - rank / N`` and whose findings result carries ``ranking`` (rank, reason,
    signals): a task that already holds a prediction of this version (opened meanwhile, or ranked before) has
    it updated in place, the others get theirs bulk-imported; nothing is deleted, so no task is ever without
-   a prediction of the version;
+   a prediction of the version. The reason also goes into the read-only summary text the physician sees
+   (``inference/summary.py``), and rank, priority, reason and probabilities into the task's data, as Data
+   Manager columns (``rank/columns.py``; annotated tasks lose their rank and reason);
 7. point the project at the version (the "Prediction score" column averages only that version's scores) and
    create or fix the "Review queue" tab ordered by prediction score.
 
@@ -46,13 +48,16 @@ from ml_backend.config import Settings
 from ml_backend.feedback.annotations import AnnotationError, AnnotationRecord, parse_annotation
 from ml_backend.inference.model_outputs import run_model
 from ml_backend.inference.results import build_prediction
+from ml_backend.inference.summary import add_ranking_to_summary
 from ml_backend.inference.task_images import TaskImageLoader
 from ml_backend.io.images import LoadedImage
 from ml_backend.io.label_config import LabelConfigError, ProjectSchema, parse_label_config
 from ml_backend.models.registry import LoadedModel, ModelRegistry
 from ml_backend.models.store import VersionStore, project_key
+from ml_backend.rank.columns import clear_queue_columns, column_types, review_columns, write_review_columns
 from ml_backend.rank.priors import Priors, priors_from_records
 from ml_backend.rank.strategy import RankConfig, RankedItem, RankInputs, mc_probabilities_from_features, rank_candidates
+from ml_backend.train.suggestions import Suggester
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +316,7 @@ class _Run:
     progress: Progress
     timings: dict[str, float] = field(default_factory=dict)
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    columns: dict[str, int] = field(default_factory=lambda: {"written": 0, "failed": 0, "cleared": 0})
 
 
 def rank_project(
@@ -433,7 +439,8 @@ def _rank(run: _Run) -> dict[str, Any]:
         return _done(run, "dry-run", version, started=started, **summary_extra)
 
     written, updated = _write(run, loaded, schema, ranking, checkpoint, outputs)
-    switched, view_id = _switch(run, version)
+    _clear_columns(run, labelled)
+    switched, view_id = _switch(run, version, loaded.labels)
     if view_id is not None or switched:
         checkpoint.prune_other_versions()
     return _done(
@@ -445,6 +452,7 @@ def _rank(run: _Run) -> dict[str, Any]:
         updated_in_place=updated,
         model_version_set=switched,
         view_id=view_id,
+        review_columns=run.columns,
         **summary_extra,
     )
 
@@ -477,6 +485,7 @@ def _predict(
     missing = [t for t in candidates if int(t["id"]) not in outputs]
     run.progress(stage="predicting", done=len(outputs), total=len(candidates), reused=len(outputs))
     loader = TaskImageLoader(run.settings)
+    suggester = _suggester(run, loaded)
     batch_size = run.options.batch_size or run.settings.predict_batch_size
     chunk = max(batch_size, 32)  # images fetched concurrently per step
     try:
@@ -496,6 +505,7 @@ def _predict(
                     for i, (t, img) in enumerate(good)
                 ]
                 checkpoint.save_outputs(new, loaded.labels)  # a cache of model outputs, even on a dry run
+                suggester.record([o.task_id for o in new], [img.pixels for _, img in good])
                 outputs.update((o.task_id, o) for o in new)
             run.progress(force_log=False, stage="predicting", done=len(outputs), total=len(candidates))
     finally:
@@ -613,6 +623,7 @@ def _write(
         first = len(items)
     run.progress(stage="writing predictions", written=first, total=len(items))
     pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rank-write")  # heatmap encoding
+    suggester = _suggester(run, loaded)
     version = ranking["version"]
     updated = 0
     written = first
@@ -630,7 +641,10 @@ def _write(
             has_own = {t for t in (i["task"] for i in chunk) if version in _versions(current[t])}
 
             def build(item: dict[str, Any]) -> dict[str, Any]:
-                return _prediction(run.settings, schema, loaded, outputs[item["task"]], item, ranking["strategy"])
+                output = outputs[item["task"]]
+                prediction = _prediction(run.settings, schema, loaded, output, item, ranking["strategy"])
+                suggester.add(prediction["result"], schema, output.task_id, output.width, output.height)
+                return prediction
 
             payload = list(pool.map(build, chunk))
             fresh = [p for p in payload if p["task"] not in has_own]
@@ -638,6 +652,7 @@ def _write(
             updated += len(payload) - len(fresh) - len(left)
             if fresh or left:  # `left`: its prediction went away since the listing
                 run.client.projects.import_predictions(id=run.project_id, request=fresh + left)
+            _write_columns(run, chunk, loaded.labels, outputs)
             written = start + len(items[start : start + run.options.write_batch])
             checkpoint.save_progress(ranking["key"], written=written, done=False)
             run.progress(force_log=False, stage="writing predictions", written=written, total=len(items))
@@ -646,6 +661,11 @@ def _write(
     checkpoint.save_progress(ranking["key"], written=len(items), done=True)
     _timed(run, "write", t0)
     return written - first, updated
+
+
+def _suggester(run: _Run, loaded: LoadedModel) -> Suggester:
+    """Suggested ignore regions (train/suggestions.py) from the version's artefact detector, if it has one."""
+    return Suggester(run.conn, run.project, loaded, run.registry.store.info(run.project, loaded.version).path)
 
 
 def _prediction(
@@ -675,10 +695,32 @@ def _prediction(
         }
         result.insert(0, carrier)
     carrier["ranking"] = ranking
+    add_ranking_to_summary(result, schema, ranking)  # the reason, readable on the labelling page
     return {"task": item["task"], "result": result, "score": item["score"], "model_version": loaded.version}
 
 
-def _switch(run: _Run, version: str) -> tuple[bool, int | None]:
+def _write_columns(
+    run: _Run, chunk: Sequence[dict[str, Any]], labels: Sequence[str], outputs: dict[int, TaskOutput]
+) -> None:
+    """The chunk's Data Manager columns (rank, priority, reason, probabilities) into its tasks' data."""
+    t0 = time.perf_counter()
+    values = {item["task"]: review_columns(item, labels, outputs[item["task"]].probabilities) for item in chunk}
+    written, failed = write_review_columns(run.client, run.project_id, values)
+    run.columns["written"] += written
+    run.columns["failed"] += failed
+    _timed(run, "columns", t0)
+
+
+def _clear_columns(run: _Run, labelled: Sequence[dict[str, Any]]) -> None:
+    """Annotated tasks are out of the queue: their rank and reason columns go."""
+    t0 = time.perf_counter()
+    cleared, failed = clear_queue_columns(run.client, run.project_id, labelled)
+    run.columns["cleared"] += cleared
+    run.columns["failed"] += failed
+    _timed(run, "columns", t0)
+
+
+def _switch(run: _Run, version: str, labels: Sequence[str]) -> tuple[bool, int | None]:
     """Point the project at ``version`` and fix the review tab -- unless a newer version went live meanwhile
     (its own ranking job will switch; switching back to this one would undo it)."""
     from ml_backend.connect import set_project_model_version, set_review_view
@@ -689,7 +731,8 @@ def _switch(run: _Run, version: str) -> tuple[bool, int | None]:
         return False, None
     run.progress(stage="switching project model version", version=version)
     changed = set_project_model_version(run.client, run.project_id, version)
-    view_id = set_review_view(run.client, run.project_id)[0] if run.options.set_view else None
+    types = column_types(labels)
+    view_id = set_review_view(run.client, run.project_id, column_types=types)[0] if run.options.set_view else None
     return changed, view_id
 
 

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -33,12 +33,13 @@ from ml_backend.measure.metrics import (
 )
 from ml_backend.models.classifier import normalisation, pick_device
 from ml_backend.models.registry import ModelRegistry, model_from_version
-from ml_backend.models.store import VersionStore
+from ml_backend.models.store import VersionInfo, VersionStore
 from ml_backend.rank.job import schedule_ranking
 from ml_backend.train.examples import Example, holdout_split, skipped_regions_summary, tensorise
 from ml_backend.train.losses import LossConfig
 from ml_backend.train.mask_propagation import PropagationConfig
 from ml_backend.train.promotion import PromotionDecision, PromotionPolicy, decide
+from ml_backend.train.suggestions import DETECTOR_FILE, SuggestionStore, rejected_tensors, suggestion_outcomes
 from ml_backend.train.trainer import TrainConfig, fine_tune, heatmap_grid, predict_probabilities
 
 log = logging.getLogger(__name__)
@@ -227,6 +228,23 @@ def train_project(project: str, settings: Settings | None = None, *, force: bool
         return _train_snapshot(project, settings, generation, records, force, reconcile_summary)
 
 
+class _Skip(Exception):
+    """A job step found nothing to do; its summary is the job's result."""
+
+    def __init__(self, reason: str, **summary: Any) -> None:
+        super().__init__(reason)
+        self.summary = {"status": "skipped", "reason": reason, **summary}
+
+
+@dataclass
+class _Evaluation:
+    """The candidate on the held-out patients, beside its parent (None without a holdout)."""
+
+    metrics: dict[str, Any] | None
+    thresholds: Sequence[float] | None
+    promotion: PromotionDecision
+
+
 def _train_snapshot(
     project: str,
     settings: Settings,
@@ -235,30 +253,19 @@ def _train_snapshot(
     force: bool,
     reconcile_summary: dict[str, Any] | None,
 ) -> dict[str, Any]:
+    """The job's steps on one snapshot of the annotations: parent, examples, fine-tune, evaluate and gate, save,
+    re-rank."""
     started = time.time()
     versions = VersionStore(settings.model_dir)
-    config_xml = AnnotationStore(connect(settings), project).label_config()
-    if config_xml is None:
-        return {"status": "skipped", "reason": "no label config recorded for the project yet"}
-    labels = parse_label_config(config_xml).findings
-    registry = ModelRegistry(settings, versions)
-    parent_version = registry.ensure_version(project, labels)
-    parent = versions.info(project, parent_version)
-    if not force and parent.meta.trained_generation == generation:
-        return {
-            "status": "skipped",
-            "reason": f"no annotation changed since {parent_version}",
-            "version": parent_version,
-        }
-    if not records:
-        return {"status": "skipped", "reason": "empty training set: no usable annotations", "version": parent_version}
-
-    _progress(stage="loading images", annotations=len(records))
-    examples, skipped = build_examples(records, labels, settings)
-    if not examples:
-        return {"status": "skipped", "reason": "no annotation could be loaded", "skipped": skipped}
+    try:
+        labels, parent = _parent_version(project, settings, versions, generation, records, force)
+        _progress(stage="loading images", annotations=len(records))
+        examples, skipped = _usable_examples(records, labels, settings)
+    except _Skip as skip:
+        return skip.summary
     regions_skipped = skipped_regions_summary(examples)
     train_idx, holdout_idx = holdout_split(examples, fraction=0.2)
+    held = [examples[i] for i in holdout_idx]
 
     device = pick_device(settings.device)
     model = model_from_version(parent, versions, device)
@@ -266,17 +273,122 @@ def _train_snapshot(
     mean, std = normalisation(model)
     grid = heatmap_grid(model, input_size)
     train_data = tensorise([examples[i] for i in train_idx], len(labels), input_size, grid, mean, std)
-    holdout = tensorise([examples[i] for i in holdout_idx], len(labels), input_size, grid, mean, std)
+    holdout = tensorise(held, len(labels), input_size, grid, mean, std)
     parent_probs = predict_probabilities(model, holdout.images) if len(holdout) else None
 
-    config = train_config(settings.training)
-    config = replace(config, seed=generation)
+    config = replace(train_config(settings.training), seed=generation)
+    train_keys = [examples[i].key for i in train_idx]
+    outcomes = suggestion_outcomes(records, SuggestionStore(connect(settings), project))
+    rejected = rejected_tensors(outcomes.deleted, train_keys, train_data.images)
     _progress(stage="training", epoch=0, epochs=config.epochs, train=len(train_idx), holdout=len(holdout_idx))
-    run = fine_tune(model, train_data, config, progress=lambda m: _progress(**m))
+    run = fine_tune(model, train_data, config, progress=lambda m: _progress(**m), rejected=rejected)
+    suggested_ignore = outcomes.summary({int(k) for k in train_keys if k.isdigit()})
 
+    evaluation = _evaluate_and_gate(settings, labels, parent, held, holdout, model, parent_probs, regions_skipped)
+    meta = parent.meta.but(
+        parent=parent.version,
+        kind="fine-tuned",
+        created_at=None,
+        thresholds=None if evaluation.thresholds is None else tuple(evaluation.thresholds),
+        trained_generation=generation,
+        training={
+            "annotations_used": len(train_idx),
+            "holdout": len(holdout_idx),
+            "skipped": skipped,
+            "regions_skipped": regions_skipped,
+            "masked_ignore": int(train_data.has_ignore.sum()),
+            "masked_evidence_pairs": int(train_data.has_evidence.sum()),
+            "history": run.history,
+            "mask_propagation": run.propagation.to_json() if run.propagation else None,
+            "suggested_ignore": suggested_ignore,
+            "config": config.to_json(),
+            "duration_s": round(time.time() - started, 2),
+            "reconcile": reconcile_summary,
+            "task_ids": sorted(r.task_id for r in records),
+        },
+        metrics=evaluation.metrics,
+        promotion=evaluation.promotion.to_json(),
+    )
+    _progress(stage="saving")
+    promoted = evaluation.promotion.promote
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    extra = {"examples.npz": example_heatmaps(model, held, holdout, labels)}
+    if run.propagation is not None and run.propagation.detector is not None:  # suggested ignore regions
+        extra[DETECTOR_FILE] = run.propagation.detector.to_bytes()
+    info = versions.save_version(project, state, meta, extra_files=extra, make_live=promoted)
+    _progress(stage="done", version=info.version, promoted=promoted)
+    log.info(
+        "project %s: %s %s (parent %s, %d annotations, %d skipped): %s",
+        project,
+        info.version,
+        "is live" if promoted else "kept as a candidate",
+        parent.version,
+        len(train_idx),
+        len(skipped),
+        evaluation.promotion.reason,
+    )
+    ranking_job = None
+    # Re-rank the unlabelled tasks only with a version physicians will see.
+    if promoted and settings.label_studio_url and settings.label_studio_api_key:
+        ranking_job = schedule_ranking(connect(settings), project, info.version, settings=settings)
+    return {
+        "status": "trained" if promoted else "candidate",
+        "promotion": evaluation.promotion.reason,
+        "version": info.version,
+        "parent": parent.version,
+        "annotations": len(examples),
+        "skipped": skipped,
+        "regions_skipped": regions_skipped,
+        "suggested_ignore": suggested_ignore,
+        "metrics": {k: (evaluation.metrics or {}).get(k) for k in ("macro_f1", "macro_auroc")},
+        "ranking_job": ranking_job,
+    }
+
+
+def _parent_version(
+    project: str,
+    settings: Settings,
+    versions: VersionStore,
+    generation: int,
+    records: list[AnnotationRecord],
+    force: bool,
+) -> tuple[tuple[str, ...], VersionInfo]:
+    """The project's findings and the live version this job fine-tunes; _Skip when there is nothing to do."""
+    config_xml = AnnotationStore(connect(settings), project).label_config()
+    if config_xml is None:
+        raise _Skip("no label config recorded for the project yet")
+    labels = parse_label_config(config_xml).findings
+    parent_version = ModelRegistry(settings, versions).ensure_version(project, labels)
+    parent = versions.info(project, parent_version)
+    if not force and parent.meta.trained_generation == generation:
+        raise _Skip(f"no annotation changed since {parent_version}", version=parent_version)
+    if not records:
+        raise _Skip("empty training set: no usable annotations", version=parent_version)
+    return labels, parent
+
+
+def _usable_examples(
+    records: list[AnnotationRecord], labels: tuple[str, ...], settings: Settings
+) -> tuple[list[Example], list[dict[str, Any]]]:
+    examples, skipped = build_examples(records, labels, settings)
+    if not examples:
+        raise _Skip("no annotation could be loaded", skipped=skipped)
+    return examples, skipped
+
+
+def _evaluate_and_gate(
+    settings: Settings,
+    labels: tuple[str, ...],
+    parent: VersionInfo,
+    held: list[Example],
+    holdout: Any,
+    model: torch.nn.Module,
+    parent_probs: np.ndarray | None,
+    regions_skipped: dict[str, Any],
+) -> _Evaluation:
+    """Per-finding thresholds and the bias metrics on the held-out patients, then the promotion gate."""
     metrics: dict[str, Any] | None = None
-    thresholds = parent.meta.thresholds
-    held = [examples[i] for i in holdout_idx]
+    thresholds: Sequence[float] | None = parent.meta.thresholds
     y_true: np.ndarray | None = None
     new_probs: np.ndarray | None = None
     if len(holdout):
@@ -294,56 +406,4 @@ def _train_snapshot(
     promotion = _promotion_decision(
         settings, labels, held, y_true, parent_probs, new_probs, parent.meta.thresholds, thresholds
     )
-    meta = parent.meta.but(
-        parent=parent_version,
-        kind="fine-tuned",
-        created_at=None,
-        thresholds=None if thresholds is None else tuple(thresholds),
-        trained_generation=generation,
-        training={
-            "annotations_used": len(train_idx),
-            "holdout": len(holdout_idx),
-            "skipped": skipped,
-            "regions_skipped": regions_skipped,
-            "masked_ignore": int(train_data.has_ignore.sum()),
-            "masked_evidence_pairs": int(train_data.has_evidence.sum()),
-            "history": run.history,
-            "mask_propagation": run.propagation.to_json() if run.propagation else None,
-            "config": config.to_json(),
-            "duration_s": round(time.time() - started, 2),
-            "reconcile": reconcile_summary,
-            "task_ids": sorted(r.task_id for r in records),
-        },
-        metrics=metrics,
-        promotion=promotion.to_json(),
-    )
-    _progress(stage="saving")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    extra = {"examples.npz": example_heatmaps(model, held, holdout, labels)}
-    info = versions.save_version(project, state, meta, extra_files=extra, make_live=promotion.promote)
-    _progress(stage="done", version=info.version, promoted=promotion.promote)
-    log.info(
-        "project %s: %s %s (parent %s, %d annotations, %d skipped): %s",
-        project,
-        info.version,
-        "is live" if promotion.promote else "kept as a candidate",
-        parent_version,
-        len(train_idx),
-        len(skipped),
-        promotion.reason,
-    )
-    ranking_job = None
-    # Re-rank the unlabelled tasks only with a version physicians will see.
-    if promotion.promote and settings.label_studio_url and settings.label_studio_api_key:
-        ranking_job = schedule_ranking(connect(settings), project, info.version, settings=settings)
-    return {
-        "status": "trained" if promotion.promote else "candidate",
-        "promotion": promotion.reason,
-        "version": info.version,
-        "parent": parent_version,
-        "annotations": len(examples),
-        "skipped": skipped,
-        "regions_skipped": regions_skipped,
-        "metrics": {k: (metrics or {}).get(k) for k in ("macro_f1", "macro_auroc")},
-        "ranking_job": ranking_job,
-    }
+    return _Evaluation(metrics, thresholds, promotion)

@@ -23,9 +23,10 @@ No library does mask propagation for brush labels; the pieces are scikit-learn's
 
 from __future__ import annotations
 
+import io
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -65,9 +66,50 @@ class PropagationReport:
     searched: int  # unmasked images searched
     skipped: str = ""  # why nothing was propagated, if so
     seconds: float = 0.0
+    rejected_images: int = 0  # images whose suggested ignore regions physicians deleted: negatives for the fit
+    rejected_cells: int = 0
+    detector: ArtefactDetector | None = field(default=None, repr=False)  # saved with the version (suggestions)
 
     def to_json(self) -> dict:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items() if k != "detector"}
+
+
+@dataclass(frozen=True)
+class ArtefactDetector:
+    """The fitted detector as plain arrays (a standardised logistic regression on hypercolumns), saved with the
+    version so the ranking job can suggest ignore regions on unlabelled tasks (train/suggestions.py)."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: float
+    threshold: float
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Pipeline, threshold: float) -> ArtefactDetector:
+        scaler, regression = pipeline[0], pipeline[-1]
+        return cls(
+            np.asarray(scaler.mean_, dtype=np.float64),
+            np.asarray(scaler.scale_, dtype=np.float64),
+            np.asarray(regression.coef_[0], dtype=np.float64),
+            float(regression.intercept_[0]),
+            threshold,
+        )
+
+    def probabilities(self, cells: np.ndarray) -> np.ndarray:
+        """(M,) artefact probability of (M, C) hypercolumn cells."""
+        z = ((cells - self.mean) / self.scale) @ self.coef + self.intercept
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        np.savez(buffer, mean=self.mean, scale=self.scale, coef=self.coef, intercept=self.intercept, t=self.threshold)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> ArtefactDetector:
+        with np.load(io.BytesIO(payload), allow_pickle=False) as f:
+            return cls(f["mean"], f["scale"], f["coef"], float(f["intercept"]), float(f["t"]))
 
 
 def _stages(model: nn.Module, input_size: int) -> list[int]:
@@ -122,18 +164,47 @@ def _fit(features: np.ndarray, labels: np.ndarray) -> Pipeline:
 
 
 def propagate_ignore_masks(
-    model: nn.Module, data: ExampleTensors, config: PropagationConfig | None = None, seed: int = 0
+    model: nn.Module,
+    data: ExampleTensors,
+    config: PropagationConfig | None = None,
+    seed: int = 0,
+    rejected: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[ExampleTensors, PropagationReport]:
-    """``data`` with ignore masks added where the detector finds a physician-marked artefact, and a report."""
+    """``data`` with ignore masks added where the detector finds a physician-marked artefact, and a report.
+
+    ``rejected``: (images (R, 3, S, S), masks (R, 1, S, S)) of suggested ignore regions physicians deleted; the
+    cells under them are negatives for the fit and for the threshold (the detector learns it was wrong there)."""
     started = time.perf_counter()
-    data, report = _propagate(model, data, config or PropagationConfig(), seed)
+    data, report = _propagate(model, data, config or PropagationConfig(), seed, rejected)
     report.seconds = time.perf_counter() - started
     log.info("mask propagation: %s", report.to_json())
     return data, report
 
 
+def _rejected_cells(
+    model: nn.Module, rejected: tuple[torch.Tensor, torch.Tensor], config: PropagationConfig, first_group: int
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Hypercolumn rows under deleted suggestions (label 0), each image its own group."""
+    images, masks = rejected
+    rows, labels, groups = [], [], []
+    for start in range(0, len(images), config.batch_size):
+        feats = hypercolumns(model, images[start : start + config.batch_size], config.batch_size)
+        grid = (int(feats.shape[-2]), int(feats.shape[-1]))
+        share = F.adaptive_avg_pool2d(masks[start : start + config.batch_size].float(), grid)[:, 0].numpy()
+        for j in range(len(feats)):
+            cells = np.flatnonzero(share[j].ravel() >= 0.5)
+            rows.append(feats[j].flatten(1).T.numpy()[cells])
+            labels.append(np.zeros(len(cells), dtype=np.int64))
+            groups.append(np.full(len(cells), first_group + start + j))
+    return rows, labels, groups
+
+
 def _propagate(
-    model: nn.Module, data: ExampleTensors, config: PropagationConfig, seed: int
+    model: nn.Module,
+    data: ExampleTensors,
+    config: PropagationConfig,
+    seed: int,
+    rejected: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[ExampleTensors, PropagationReport]:
     masked = data.has_ignore.nonzero()[:, 0]
     unmasked = (~data.has_ignore).nonzero()[:, 0]
@@ -141,10 +212,8 @@ def _propagate(
     if len(masked) < config.min_masked_images:
         report.skipped = f"{len(masked)} masked images (< {config.min_masked_images})"
         return data, report
-    if len(unmasked) == 0:
-        report.skipped = "every image is masked"
-        return data, report
-
+    # Every image masked: nothing to propagate here, but the detector is still fitted, for suggestions on the
+    # project's unlabelled tasks (train/suggestions.py).
     size = data.images.shape[-1]
     if not _stages(model, size):
         report.skipped = "the backbone has no timm forward_intermediates with stride-4..16 stages"
@@ -168,6 +237,11 @@ def _propagate(
                 rows.append(cells[cell_index])
                 labels.append(np.full(len(cell_index), label))
                 groups.append(np.full(len(cell_index), start + j))
+    if rejected is not None and len(rejected[0]):
+        more = _rejected_cells(model, rejected, config, first_group=len(masked))
+        rows, labels, groups = rows + more[0], labels + more[1], groups + more[2]
+        report.rejected_images = len(rejected[0])
+        report.rejected_cells = int(sum(len(r) for r in more[0]))
     x, y, g = np.concatenate(rows), np.concatenate(labels), np.concatenate(groups)
     if y.sum() == 0:
         report.skipped = "masks smaller than a feature cell"
@@ -190,6 +264,7 @@ def _propagate(
         report.skipped = f"the detector finds {report.heldout_recall:.0%} of the held-out artefact cells"
         return data, report
     detector = _fit(x, y)
+    report.detector = ArtefactDetector.from_pipeline(detector, threshold)
 
     ignore = data.ignore.clone()
     has_ignore = data.has_ignore.clone()

@@ -131,8 +131,10 @@ def fine_tune(
     data: ExampleTensors,
     config: TrainConfig,
     progress: Progress | None = None,
+    rejected: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> TrainingRun:
-    """Train ``model`` in place; returns the loss curve and what mask propagation found."""
+    """Train ``model`` in place; returns the loss curve and what mask propagation found. ``rejected``: images and
+    masks of suggested ignore regions physicians deleted, negatives for the propagation detector."""
     if len(data) == 0:
         raise ValueError("empty training set")
     torch.manual_seed(config.seed)
@@ -149,7 +151,7 @@ def fine_tune(
     if config.propagation is not None and bool(data.has_ignore.any()):
         if progress:
             progress({"stage": "mask propagation"})
-        data, propagation = propagate_ignore_masks(model, data, config.propagation, seed=config.seed)
+        data, propagation = propagate_ignore_masks(model, data, config.propagation, seed=config.seed, rejected=rejected)
     for epoch in range(config.epochs):
         _set_train_mode(model, config.freeze_batchnorm)
         started = time.perf_counter()

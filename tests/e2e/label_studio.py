@@ -5,26 +5,26 @@ Usage::
     with LabelStudioServer(tmp_path / "ls", port=None) as ls:
         client = LabelStudio(base_url=ls.url, api_key=ls.token)
 
-or, in a test module, import the session fixture ``label_studio_server`` (it skips when Label Studio is not
-installed, unless ``MEDEBIASER_E2E=1`` makes that a failure). All importers share one server per pytest
-process: the first start runs ~45 s of migrations, so it is started once.
+or, in a test under tests/e2e, ask for the session fixture ``label_studio_server`` (from tests/e2e/conftest.py;
+it skips when Label Studio is not installed, unless ``MEDEBIASER_E2E=1`` makes that a failure). Every test
+shares one server per pytest process: the first start runs ~45 s of migrations, so it is started once.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import ctypes
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
 import pytest
@@ -198,11 +198,7 @@ class LabelStudioServer:
             return "(no log)"
 
 
-# -- pytest integration -----------------------------------------------------------------------------------
-_shared: LabelStudioServer | None = None
-_shared_lock = threading.Lock()
-
-
+# -- pytest integration (the session fixture ``label_studio_server`` lives in tests/e2e/conftest.py) -----------
 def require_label_studio() -> None:
     """Skip (or, with MEDEBIASER_E2E=1, fail) when Label Studio is not installed."""
     if label_studio_bin().exists():
@@ -214,26 +210,6 @@ def require_label_studio() -> None:
     if os.environ.get(E2E_ENV) == "1":
         pytest.fail(reason)
     pytest.skip(reason)
-
-
-def shared_server(data_dir: Path) -> LabelStudioServer:
-    """One Label Studio per pytest process, stopped at exit, whichever test module asks first."""
-    global _shared
-    with _shared_lock:
-        if _shared is None or not _shared.running:
-            server = LabelStudioServer(data_dir)
-            server.start()
-            atexit.register(server.stop)
-            _shared = server
-        return _shared
-
-
-@pytest.fixture(scope="session")
-def label_studio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
-    require_label_studio()
-    server = shared_server(tmp_path_factory.mktemp("label-studio"))
-    yield server
-    server.stop()  # session end: every importer is done with it
 
 
 @contextlib.contextmanager
@@ -259,3 +235,62 @@ def running_backend(work: Path, ls: LabelStudioServer, env: dict[str, str], log_
         artifacts.mkdir(exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             (artifacts / log_name).write_bytes(process.log_path.read_bytes())
+
+
+NIH_ORIGINALS = PROJECT_ROOT.parent / "shared" / "data" / "nih_hires" / "images_1024"
+
+
+def nih_films(ls: LabelStudioServer, folder: str, count: int) -> Path:
+    """The first ``count`` NIH originals (1024 px) copied into Label Studio's local-files root under ``folder``;
+    skips the test without ../shared/data."""
+    if not NIH_ORIGINALS.exists():
+        pytest.skip(f"{NIH_ORIGINALS} is absent: this test needs ../shared/data")
+    target = ls.local_files_root / folder
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(NIH_ORIGINALS.glob("*.png"))[:count]:
+        shutil.copy(path, target / path.name)
+    return target
+
+
+def film_project(
+    ls: LabelStudioServer, api: Any, prefix: str, config: str, films: Path, backend_url: str, secret: str
+) -> int:
+    """A new project with ``config``, one task per PNG in ``films`` (local files), connected to the backend."""
+    from ml_backend.connect import connect_project
+    from ml_backend.demo.setup import local_file_ref
+
+    project = int(api.create_project(f"{prefix}-{time.monotonic_ns()}", config)["id"])
+    api.ensure_local_storage(project, films)
+    data = [{"image": local_file_ref(p, ls.local_files_root)} for p in sorted(films.glob("*.png"))]
+    assert api.import_tasks(project, data) == len(data)
+    connect_project(ls.url, ls.token, project, backend_url, webhook_secret=secret)
+    return project
+
+
+@contextlib.contextmanager
+def app_in_thread(settings: Any, timeout: float = 30.0) -> Iterator[str]:
+    """The real FastAPI app for ``settings`` under uvicorn in a thread, on a free port; yields its URL."""
+    import threading
+
+    import uvicorn
+
+    from ml_backend.serve.app import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        if time.monotonic() > deadline:
+            pytest.fail("the backend app did not start")
+        time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

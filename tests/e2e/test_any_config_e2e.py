@@ -32,7 +32,6 @@ from ml_backend.explain.brush_rle import encode_alpha
 from ml_backend.models.store import VersionStore
 
 from .label_studio import PROJECT_ROOT, LabelStudioServer, running_backend
-from .label_studio import label_studio_server as label_studio_server  # noqa: F401 - the shared fixture
 
 pytestmark = pytest.mark.e2e
 
@@ -81,7 +80,7 @@ def _say(message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def nih_records(label_studio_server: LabelStudioServer) -> tuple[Path, list[dict[str, Any]]]:  # noqa: F811
+def nih_records(label_studio_server: LabelStudioServer) -> tuple[Path, list[dict[str, Any]]]:
     if not NIH.exists():
         pytest.skip(f"{NIH} is absent: this test needs ../shared/data")
     manifest = json.loads((NIH / "manifest.json").read_text())
@@ -102,7 +101,7 @@ def nih_records(label_studio_server: LabelStudioServer) -> tuple[Path, list[dict
 
 
 @pytest.fixture(scope="module")
-def backend(label_studio_server: LabelStudioServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:  # noqa: F811
+def backend(label_studio_server: LabelStudioServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     work = tmp_path_factory.mktemp("any-config-backend")
     env = {**BACKEND_ENV, "WEBHOOK_SECRET": SECRET}
     with running_backend(work, label_studio_server, env, "any-config-backend.log") as process:
@@ -206,7 +205,7 @@ def _latest_of(predictions: list[dict[str, Any]], version: str) -> dict[str, Any
 
 @pytest.mark.parametrize("variant", ["A", "B"])
 def test_own_label_config_nothing_lost(
-    label_studio_server: LabelStudioServer,  # noqa: F811
+    label_studio_server: LabelStudioServer,
     backend: tuple[BackendProcess, Path],
     nih_records: tuple[Path, list[dict[str, Any]]],
     variant: str,

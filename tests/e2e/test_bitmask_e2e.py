@@ -28,7 +28,6 @@ from ml_backend.demo.setup import LabelStudioAPI, local_file_ref
 from ml_backend.explain.bitmask_png import decode_mask_data_url, encode_heat_png, png_data_url_size
 
 from .label_studio import E2E_ENV, PROJECT_ROOT, LabelStudioServer, running_backend
-from .label_studio import label_studio_server as label_studio_server  # noqa: F401 - the shared fixture
 
 pytestmark = pytest.mark.e2e
 
@@ -44,7 +43,7 @@ def _say(message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def films(label_studio_server: LabelStudioServer) -> Path:  # noqa: F811
+def films(label_studio_server: LabelStudioServer) -> Path:
     if not ORIGINALS.exists():
         pytest.skip(f"{ORIGINALS} is absent: this test needs ../shared/data")
     folder = label_studio_server.local_files_root / "bitmask-films"
@@ -55,7 +54,7 @@ def films(label_studio_server: LabelStudioServer) -> Path:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def backend(label_studio_server: LabelStudioServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:  # noqa: F811
+def backend(label_studio_server: LabelStudioServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     env = {
         "WEBHOOK_SECRET": SECRET,
         "INPUT_SIZE": "128",
@@ -75,7 +74,7 @@ def _colours() -> dict[str, str]:
 
 
 def test_png_heatmaps_on_a_clinical_size_film(
-    label_studio_server: LabelStudioServer,  # noqa: F811
+    label_studio_server: LabelStudioServer,
     backend: BackendProcess,
     films: Path,
 ) -> None:

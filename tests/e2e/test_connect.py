@@ -31,7 +31,6 @@ from ml_backend.connect import (
 )
 
 from .label_studio import LabelStudioServer, free_port
-from .label_studio import label_studio_server as label_studio_server  # noqa: F401 - the shared fixture
 
 pytestmark = pytest.mark.e2e
 
@@ -119,7 +118,7 @@ class StandInBackend:
 
 
 @pytest.fixture(scope="module")
-def ls(label_studio_server: LabelStudioServer) -> LabelStudioServer:  # noqa: F811
+def ls(label_studio_server: LabelStudioServer) -> LabelStudioServer:
     print(f"\nLabel Studio startup took {label_studio_server.startup_seconds:.1f} s")
     return label_studio_server
 

@@ -40,7 +40,6 @@ from ml_backend.demo.setup import LabelStudioAPI, image_tasks
 from ml_backend.explain.brush_rle import decode_alpha, encode_alpha
 
 from .label_studio import E2E_ENV, PROJECT_ROOT, LabelStudioServer, running_backend
-from .label_studio import label_studio_server as label_studio_server  # noqa: F401 - the shared fixture
 
 pytestmark = pytest.mark.e2e
 
@@ -70,7 +69,7 @@ def _say(message: str) -> None:
 
 # -- fixtures ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def ls(label_studio_server: LabelStudioServer) -> LabelStudioServer:  # noqa: F811
+def ls(label_studio_server: LabelStudioServer) -> LabelStudioServer:
     _say(f"Label Studio at {label_studio_server.url} (startup {label_studio_server.startup_seconds:.1f} s)")
     return label_studio_server
 

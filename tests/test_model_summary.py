@@ -1,0 +1,211 @@
+"""Probabilities and reasons in front of the physician: the read-only ``model_summary`` TextArea filled from the
+prediction, and the Data Manager columns written into task data (issue 14, part 4)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import CHEST_CONFIG, ROOT
+from label_studio_sdk.label_interface import LabelInterface
+
+from ml_backend.config import Settings
+from ml_backend.feedback.annotations import parse_annotation
+from ml_backend.inference.results import build_prediction
+from ml_backend.inference.summary import RANKING_PREFIX, add_ranking_to_summary, ranking_line
+from ml_backend.io.label_config import SUMMARY_CONTROL, describe_label_mapping, parse_label_config
+from ml_backend.io.label_studio import set_review_view
+from ml_backend.models.registry import ModelRegistry
+from ml_backend.rank.columns import (
+    PRIORITY,
+    RANK,
+    REASON,
+    clear_queue_columns,
+    column_types,
+    probability_column,
+    review_columns,
+    write_review_columns,
+)
+
+BITMASK_CONFIG = (ROOT / "label_config" / "chest_xray_bitmask.xml").read_text()
+SUMMARY_TAG = re.compile(r"\s*<TextArea name=\"model_summary\"[^>]*/>")
+W, H = 80, 64
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    settings = replace(Settings(), model_dir=tmp_path_factory.mktemp("models"), backbone="test_resnet", input_size=64)
+    return settings, ModelRegistry(settings).get("1", parse_label_config(CHEST_CONFIG).findings)
+
+
+def _predict(config: str, settings: Settings, model: Any) -> tuple[dict[str, Any], np.ndarray]:
+    k = len(model.labels)
+    probabilities = np.linspace(0.95, 0.02, k).astype(np.float32)  # the first findings above 0.5
+    cams = torch.rand(k, 8, 10, generator=torch.Generator().manual_seed(0))
+    schema = parse_label_config(config)
+    return build_prediction(settings.heatmap, schema, model, probabilities, cams, W, H), probabilities
+
+
+def test_the_shipped_configs_have_the_summary_control() -> None:
+    for config in (BITMASK_CONFIG, CHEST_CONFIG):
+        schema = parse_label_config(config)
+        assert schema.summary_name == SUMMARY_CONTROL
+        assert ("TextArea", SUMMARY_CONTROL) in schema.other_controls  # known, so an annotation with it parses
+        row = next(r for r in describe_label_mapping(schema) if r["control"] == SUMMARY_CONTROL)
+        assert row["role"] == "model summary"
+    # a TextArea of another name (a physician's comment) is not the model's
+    other = parse_label_config(CHEST_CONFIG.replace('name="model_summary"', 'name="comment"'))
+    assert other.summary_name is None
+
+
+@pytest.mark.parametrize("config", [BITMASK_CONFIG, CHEST_CONFIG], ids=["bitmask", "brush"])
+def test_prediction_carries_every_probability_in_a_readonly_textarea(loaded, config) -> None:
+    settings, model = loaded
+    prediction, probabilities = _predict(config, settings, model)
+    assert LabelInterface(config).validate_prediction(prediction, return_errors=True) in (True, [])
+    (summary,) = [r for r in prediction["result"] if r["type"] == "textarea"]
+    assert summary["from_name"] == SUMMARY_CONTROL and summary["to_name"] == "image" and summary["readonly"] is True
+    predicted, everything = summary["value"]["text"]
+    for label, p in zip(model.labels, probabilities, strict=True):
+        assert f"{label} p={p:.2f}" in everything
+        assert (f"{label} p={p:.2f}" in predicted) == bool(p >= model.thresholds[model.labels.index(label)])
+    assert predicted.startswith(f"Model {model.version}, predicted: Atelectasis p=0.95")
+    assert everything.index("Atelectasis") < everything.index("Pneumothorax")  # most probable first
+
+
+def test_a_config_without_the_control_gets_no_summary(loaded) -> None:
+    settings, model = loaded
+    bare = SUMMARY_TAG.sub("", BITMASK_CONFIG)
+    assert "model_summary" not in bare
+    prediction, _ = _predict(bare, settings, model)
+    assert not [r for r in prediction["result"] if r["type"] == "textarea"]
+    assert LabelInterface(bare).validate_prediction(prediction, return_errors=True) in (True, [])
+
+
+def test_the_ranking_reason_goes_first_and_is_replaced_on_a_rerank(loaded) -> None:
+    settings, model = loaded
+    prediction, _ = _predict(BITMASK_CONFIG, settings, model)
+    schema = parse_label_config(BITMASK_CONFIG)
+    ranking = {"rank": 3, "priority": 0.7123, "reason": "heatmap on a marker", "strategy": "bias"}
+    add_ranking_to_summary(prediction["result"], schema, ranking)
+    add_ranking_to_summary(prediction["result"], schema, {**ranking, "rank": 2})  # idempotent: one reason line
+    (summary,) = [r for r in prediction["result"] if r["type"] == "textarea"]
+    lines = summary["value"]["text"]
+    assert (
+        lines[0]
+        == "In your queue at #2 (priority 0.71, bias): heatmap on a marker"
+        == ranking_line({**ranking, "rank": 2})
+    )
+    assert len(lines) == 3 and sum(line.startswith(RANKING_PREFIX) for line in lines) == 1
+    assert LabelInterface(BITMASK_CONFIG).validate_prediction(prediction, return_errors=True) in (True, [])
+    # no summary control: nothing added, nothing breaks
+    bare = parse_label_config(SUMMARY_TAG.sub("", BITMASK_CONFIG))
+    result: list[dict[str, Any]] = []
+    add_ranking_to_summary(result, bare, ranking)
+    assert result == []
+
+
+def test_an_annotation_with_the_summary_still_trains(loaded) -> None:
+    """A physician submits the pre-annotation as is: the summary rides along and is ignored for training."""
+    settings, model = loaded
+    prediction, _ = _predict(BITMASK_CONFIG, settings, model)
+    schema = parse_label_config(BITMASK_CONFIG)
+    add_ranking_to_summary(prediction["result"], schema, {"rank": 1, "priority": 0.9, "reason": "r", "strategy": "x"})
+    annotation = {"id": 5, "result": prediction["result"]}
+    task = {"id": 9, "data": {"image": "/data/upload/a.png", RANK: 1, REASON: "r", "p_Effusion": 0.4}}
+    record = parse_annotation("1", annotation, task, schema, settings=settings)
+    without = parse_annotation(
+        "1",
+        {"id": 5, "result": [r for r in prediction["result"] if r["type"] != "textarea"]},
+        task,
+        schema,
+        settings=settings,
+    )
+    assert record is not None and without is not None
+    assert record.positives == without.positives and set(record.masks) == set(without.masks)
+    assert record.skipped == without.skipped == []
+
+
+def test_review_columns_and_their_types() -> None:
+    labels = ("Effusion", "Pleural Thickening", "a.b")
+    values = review_columns(
+        {"rank": 4, "priority": 0.51234, "reason": "rare finding"}, labels, np.array([0.2, 0.9, 0.1])
+    )
+    assert values == {
+        RANK: 4,
+        PRIORITY: 0.5123,
+        REASON: "rare finding",
+        "top_finding": "Pleural Thickening",
+        "top_probability": 0.9,
+        "p_Effusion": 0.2,
+        "p_Pleural_Thickening": 0.9,
+        "p_a_b": 0.1,
+    }
+    assert probability_column("Pleural Thickening") == "p_Pleural_Thickening"
+    types = column_types(labels)
+    assert types["tasks:data.review_rank"] == types["tasks:data.p_a_b"] == "Number"
+    assert "tasks:data.review_reason" not in types  # text: filtered with "contains"
+
+
+class FakeTasks:
+    """``client.tasks`` in memory: list (stored data, or resolved when asked) and update."""
+
+    def __init__(self, data: dict[int, dict[str, Any]]) -> None:
+        self.data = data
+        self.updates: list[tuple[int, dict[str, Any], Any]] = []
+        self.fail: set[int] = set()
+
+    def list(self, project: int, include: str, resolve_uri: bool, page_size: int, query: str) -> list[Any]:
+        assert resolve_uri is False and include == "id,data"
+        ids = json.loads(query)["selectedItems"]["included"]
+        return [SimpleNamespace(model_dump=lambda i=i: {"id": i, "data": dict(self.data[i])}) for i in ids]
+
+    def update(self, id: str, data: dict[str, Any], request_options: Any) -> None:
+        if int(id) in self.fail:
+            raise RuntimeError("Label Studio said no")
+        self.updates.append((int(id), data, request_options))
+        self.data[int(id)] = dict(data)
+
+
+def test_columns_merge_into_the_stored_data_and_skip_unchanged_tasks() -> None:
+    tasks = FakeTasks({1: {"image": "s3://bucket/a.png", "site": "A"}, 2: {"image": "s3://bucket/b.png"}, 3: {}})
+    client = SimpleNamespace(tasks=tasks)
+    values = {1: {RANK: 1, REASON: "why"}, 2: {RANK: 2, REASON: "why not"}}
+    assert write_review_columns(client, 7, values) == (2, 0)
+    assert tasks.data[1] == {"image": "s3://bucket/a.png", "site": "A", RANK: 1, REASON: "why"}  # merged, raw URL
+    assert all(options == {"additional_query_parameters": {"fields": "id"}} for _, _, options in tasks.updates)
+    assert write_review_columns(client, 7, values) == (0, 0)  # nothing changed: no PATCH
+    tasks.fail = {2}
+    assert write_review_columns(client, 7, {1: {RANK: 3}, 2: {RANK: 4}}) == (1, 1)  # one failure, logged
+    # annotated since: the queue columns go, the rest stays; tasks without them are not read at all
+    tasks.fail = set()
+    listed = [{"id": 1, "data": {"image": "/tasks/1/resolve/?fileuri=x", RANK: 3}}, {"id": 3, "data": {}}]
+    assert clear_queue_columns(client, 7, listed) == (1, 0)
+    assert tasks.data[1] == {"image": "s3://bucket/a.png", "site": "A"}
+
+
+def test_review_tab_gets_numeric_column_types_and_keeps_the_users() -> None:
+    views: list[SimpleNamespace] = []
+
+    def create(project: int, data: dict[str, Any]) -> SimpleNamespace:
+        views.append(SimpleNamespace(id=len(views) + 1, data=dict(data)))
+        return views[-1]
+
+    def update(id: str, data: dict[str, Any], project: int) -> None:
+        views[int(id) - 1].data = dict(data)
+
+    client: Any = SimpleNamespace(views=SimpleNamespace(list=lambda project: views, create=create, update=update))
+    types = column_types(("Effusion",))
+    assert set_review_view(client, 1, column_types=types) == (1, True)
+    assert views[0].data["columnsDisplayType"] == types
+    assert set_review_view(client, 1, column_types=types) == (1, False)
+    views[0].data["columnsDisplayType"] = {"tasks:data.site": "String", "tasks:data.review_rank": "String"}
+    assert set_review_view(client, 1, column_types=types) == (1, True)
+    assert views[0].data["columnsDisplayType"] == {"tasks:data.site": "String", **types}
+    assert set_review_view(client, 1) == (1, False)  # no types asked: a user's types are left alone
