@@ -43,7 +43,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ml_backend.measure import simulation as sim  # noqa: E402
+import simulation as sim  # noqa: E402
+
 from ml_backend.train.losses import LossConfig  # noqa: E402
 from ml_backend.train.mask_propagation import PropagationConfig, propagate_ignore_masks  # noqa: E402
 

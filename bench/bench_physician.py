@@ -37,8 +37,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import simulation as sim  # noqa: E402
+
 from ml_backend.explain.cam import HeatmapExplainer, normalise_maps  # noqa: E402
-from ml_backend.measure import simulation as sim  # noqa: E402
 from ml_backend.measure.metrics import (  # noqa: E402
     binarize,
     choose_thresholds,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -17,6 +18,9 @@ import pytest
 from ml_backend.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
+# bench/simulation.py (the shortcut-experiment machinery the benchmarks and the mechanism tests share)
+if str(ROOT / "bench") not in sys.path:
+    sys.path.insert(0, str(ROOT / "bench"))
 SHARED = ROOT.parent / "shared"
 NIH = SHARED / "data" / "nih1000"
 FULLRES = SHARED / "data" / "nih_fullres"

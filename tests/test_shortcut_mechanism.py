@@ -19,9 +19,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import simulation as sim  # bench/simulation.py: tests/conftest.py puts bench/ on sys.path
 from conftest import NIH, shared_or_skip
 
-from ml_backend.measure import simulation as sim
 from ml_backend.train.losses import LossConfig
 from ml_backend.train.mask_propagation import PropagationConfig
 
