@@ -9,8 +9,10 @@ on it; the ranking job and the reconcile step use it.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import httpx
@@ -128,6 +130,67 @@ def annotated_tasks(client: LabelStudio, project_id: int) -> list[dict[str, Any]
         client, "list annotated tasks", client.tasks.list, project=project_id, fields="all", only_annotated=True
     )
     return [as_dict(task) for task in pages]
+
+
+# The task fields the ranking reads (the Data Manager's `include`): no annotations, predictions or heatmaps.
+RANKING_TASK_FIELDS = "id,data,total_annotations,cancelled_annotations,total_predictions,predictions_model_versions"
+
+
+def list_project_tasks(client: LabelStudio, project_id: int, ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Every task of the project (or the given ids) with only the fields the ranking needs."""
+    query = None
+    if ids is not None:
+        query = json.dumps({"selectedItems": {"all": False, "included": [int(i) for i in ids]}})
+    pager: Any = client.tasks.list(project=project_id, include=RANKING_TASK_FIELDS, page_size=500, query=query)
+    return [as_dict(t) for t in pager]
+
+
+def update_version_predictions(
+    client: LabelStudio, payload: Sequence[dict[str, Any]], version: str
+) -> list[dict[str, Any]]:
+    """Rewrite, in place, the newest prediction of ``version`` on each task that has one; returns the rest.
+
+    In place (never delete and re-import): a task opened meanwhile holds a prediction Label Studio created
+    through /predict, and between a delete and an import the task would have no prediction of the live
+    version, so Label Studio would predict it again. Older duplicates and other versions stay as history.
+    """
+
+    def one(item: dict[str, Any]) -> dict[str, Any] | None:
+        own = [p for p in client.predictions.list(task=int(item["task"])) if p.model_version == version]
+        if not own:
+            return item
+        newest = max(own, key=lambda p: int(p.id))
+        client.predictions.update(id=int(newest.id), result=item["result"], score=item["score"])
+        return None
+
+    if not payload:
+        return []
+    with ThreadPoolExecutor(max_workers=min(8, len(payload))) as pool:
+        return [item for item in pool.map(one, payload) if item is not None]
+
+
+def project_ranking_settings(client: LabelStudio, project_id: int) -> dict[str, Any] | None:
+    """``{"ranking": {...}}`` from the project's ML backend "extra params" (Label Studio's connect-model dialog:
+    "Any extra params to pass during model connection"), so a clinical lead can weight findings in the UI."""
+    try:
+        backends = client.ml.list(project=project_id)
+    except Exception as exc:  # settings are optional: an old LS or a restricted token must not stop the ranking
+        log.warning("project %s: cannot read ML backend settings: %s", project_id, exc)
+        return None
+    for backend in sorted(backends, key=lambda b: getattr(b, "id", 0) or 0):
+        extra = getattr(backend, "extra_params", None)
+        if isinstance(extra, str) and extra.strip():
+            try:
+                extra = json.loads(extra)
+            except json.JSONDecodeError:
+                log.warning("project %s: ML backend %s extra params are not JSON; ignored", project_id, backend.id)
+                continue
+        if isinstance(extra, dict) and isinstance(extra.get("ranking"), dict):
+            return {"ranking": extra["ranking"]}
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint
 
 
 def project_label_config(client: LabelStudio, project_id: int) -> str:

@@ -52,6 +52,15 @@ from ml_backend.inference.summary import add_ranking_to_summary
 from ml_backend.inference.task_images import TaskImageLoader
 from ml_backend.io.images import LoadedImage
 from ml_backend.io.label_config import LabelConfigError, ProjectSchema, parse_label_config
+from ml_backend.io.label_studio import (
+    as_dict,
+    client_from_settings,
+    list_project_tasks,
+    project_ranking_settings,
+    set_project_model_version,
+    set_review_view,
+    update_version_predictions,
+)
 from ml_backend.models.registry import LoadedModel, ModelRegistry
 from ml_backend.models.store import VersionStore, project_key
 from ml_backend.rank.columns import clear_queue_columns, column_types, review_columns, write_review_columns
@@ -62,7 +71,6 @@ from ml_backend.train.suggestions import Suggester
 log = logging.getLogger(__name__)
 
 JOB_FUNCTION = "ml_backend.rank.job.rank_project_job"
-_TASK_FIELDS = "id,data,total_annotations,cancelled_annotations,total_predictions,predictions_model_versions"
 
 
 class RankError(RuntimeError):
@@ -105,28 +113,6 @@ def load_rank_config(
     return config.merged({"strategy": strategy}) if strategy else config
 
 
-def project_ranking_settings(client: Any, project_id: int) -> dict[str, Any] | None:
-    """``{"ranking": {...}}`` from the project's ML backend "extra params" (Label Studio's connect-model dialog:
-    "Any extra params to pass during model connection"), so a clinical lead can weight findings in the UI."""
-    try:
-        backends = client.ml.list(project=project_id)
-    except Exception as exc:  # settings are optional: an old LS or a restricted token must not stop the ranking
-        log.warning("project %s: cannot read ML backend settings: %s", project_id, exc)
-        return None
-    for backend in sorted(backends, key=lambda b: getattr(b, "id", 0) or 0):
-        extra = getattr(backend, "extra_params", None)
-        if isinstance(extra, str) and extra.strip():
-            try:
-                extra = json.loads(extra)
-            except json.JSONDecodeError:
-                log.warning("project %s: ML backend %s extra params are not JSON; ignored", project_id, backend.id)
-                continue
-        if isinstance(extra, dict) and isinstance(extra.get("ranking"), dict):
-            return {"ranking": extra["ranking"]}
-    return None
-
-
-# ------------------------------------------------------------------------------------------------ checkpoint
 class RankCheckpoint:
     """Per (project, version) folder: model outputs per task, the saved ranking, and write progress."""
 
@@ -235,25 +221,10 @@ class Progress:
 
 
 # ------------------------------------------------------------------------------------------------ Label Studio
-def _as_dict(obj: Any) -> dict[str, Any]:
-    if isinstance(obj, dict):
-        return obj
-    return obj.model_dump() if hasattr(obj, "model_dump") else dict(obj)
-
-
 def _versions(task: dict[str, Any]) -> set[str]:
     raw = task.get("predictions_model_versions") or ""
     items = raw if isinstance(raw, list) else str(raw).split(",")
     return {str(v).strip() for v in items if str(v).strip()}
-
-
-def list_project_tasks(client: Any, project_id: int, ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
-    """Every task of the project (or the given ids) with only the fields the ranking needs."""
-    query = None
-    if ids is not None:
-        query = json.dumps({"selectedItems": {"all": False, "included": [int(i) for i in ids]}})
-    pager = client.tasks.list(project=project_id, include=_TASK_FIELDS, page_size=500, query=query)
-    return [_as_dict(t) for t in pager]
 
 
 def _labelled_records(
@@ -263,7 +234,7 @@ def _labelled_records(
 
     def one(task: dict[str, Any]) -> AnnotationRecord | None:
         try:
-            annotations = [_as_dict(a) for a in client.annotations.list(id=int(task["id"]))]
+            annotations = [as_dict(a) for a in client.annotations.list(id=int(task["id"]))]
         except Exception as exc:
             log.warning("task %s: annotations not readable for the priors: %s", task["id"], exc)
             return None
@@ -279,28 +250,6 @@ def _labelled_records(
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         return [r for r in pool.map(one, labelled) if r is not None]
-
-
-def _update_version_predictions(client: Any, payload: Sequence[dict[str, Any]], version: str) -> list[dict[str, Any]]:
-    """Rewrite, in place, the newest prediction of ``version`` on each task that has one; returns the rest.
-
-    In place (never delete and re-import): a task opened meanwhile holds a prediction Label Studio created
-    through /predict, and between a delete and an import the task would have no prediction of the live
-    version, so Label Studio would predict it again. Older duplicates and other versions stay as history.
-    """
-
-    def one(item: dict[str, Any]) -> dict[str, Any] | None:
-        own = [p for p in client.predictions.list(task=int(item["task"])) if p.model_version == version]
-        if not own:
-            return item
-        newest = max(own, key=lambda p: int(p.id))
-        client.predictions.update(id=int(newest.id), result=item["result"], score=item["score"])
-        return None
-
-    if not payload:
-        return []
-    with ThreadPoolExecutor(max_workers=min(8, len(payload))) as pool:
-        return [item for item in pool.map(one, payload) if item is not None]
 
 
 # ------------------------------------------------------------------------------------------------ the job
@@ -335,8 +284,6 @@ def rank_project(
     ``registry`` lets a serving process reuse its loaded live model; ``conn`` (Redis) adds progress in
     ``mdb:<p>:rank`` and priors from the backend's annotation store.
     """
-    from ml_backend.connect import make_client
-
     settings = settings or Settings.from_env()
     options = options or RankOptions()
     try:
@@ -346,7 +293,7 @@ def rank_project(
     if client is None:
         if not settings.label_studio_url or not settings.label_studio_api_key:
             raise RankError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are needed to rank a project's tasks")
-        client = make_client(settings.label_studio_url, settings.label_studio_api_key)
+        client = client_from_settings(settings)
     key = project_key(project_id)
     run = _Run(
         project_id,
@@ -648,7 +595,7 @@ def _write(
 
             payload = list(pool.map(build, chunk))
             fresh = [p for p in payload if p["task"] not in has_own]
-            left = _update_version_predictions(run.client, [p for p in payload if p["task"] in has_own], version)
+            left = update_version_predictions(run.client, [p for p in payload if p["task"] in has_own], version)
             updated += len(payload) - len(fresh) - len(left)
             if fresh or left:  # `left`: its prediction went away since the listing
                 run.client.projects.import_predictions(id=run.project_id, request=fresh + left)
@@ -723,8 +670,6 @@ def _clear_columns(run: _Run, labelled: Sequence[dict[str, Any]]) -> None:
 def _switch(run: _Run, version: str, labels: Sequence[str]) -> tuple[bool, int | None]:
     """Point the project at ``version`` and fix the review tab -- unless a newer version went live meanwhile
     (its own ranking job will switch; switching back to this one would undo it)."""
-    from ml_backend.connect import set_project_model_version, set_review_view
-
     live = run.registry.store.live_version(run.project)
     if live is not None and live != version:
         log.info("project %s: %s is live now; leaving the project's model version to its ranking", run.project, live)
