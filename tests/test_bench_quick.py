@@ -49,3 +49,31 @@ def test_physician_benchmark_quick_mode(tmp_path: Path) -> None:
         assert curve["budget"] == [10, 20] and curve["seconds"][-1] >= 20 * 20.0
     assert (tmp_path / "physician_curves.png").stat().st_size > 10_000
     assert "| shortcut_dependence_reduction_pct |" in (tmp_path / "physician.md").read_text()
+
+
+def test_base_models_quick_mode_fails_loudly_when_short() -> None:
+    """One epoch cannot reach issue 16's clean-model targets: the benchmark must say so and exit non-zero."""
+    shared_or_skip(NIH)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_base_models.py"), "--quick", "--threads", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "FAIL: the clean model falls short" in run.stderr and "Cardiomegaly AUROC" in run.stderr
+
+
+def test_cooccurrence_quick_mode(tmp_path: Path) -> None:
+    shared_or_skip(NIH)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_cooccurrence.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / "cooccurrence.json").read_text())
+    assert result["pair"] == {"finding": "Atelectasis", "partner": "Effusion"}
+    assert set(result["intervals_95"]) == {"eod_reduction_pct", "f1_gain_points"}
+    assert all(p >= 0.8 for p in result["train_p_partner_given_finding"])  # A nearly always comes with B
