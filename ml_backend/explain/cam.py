@@ -10,10 +10,12 @@ head only: the gradient with respect to the features needs no backward pass thro
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ml_backend.explain.brush_rle import heatmap_to_alpha
 from ml_backend.models.classifier import timm_api
 
 
@@ -107,6 +109,39 @@ def upsample_maps(cams: torch.Tensor, height: int, width: int) -> torch.Tensor:
     flat = cams.reshape(-1, 1, *cams.shape[-2:])
     up = F.interpolate(flat, size=(height, width), mode="bilinear", align_corners=False)
     return up.reshape(*lead, height, width)
+
+
+def _bilinear_weights(size_in: int, size_out: int) -> np.ndarray:
+    """(size_out, size_in) matrix of F.interpolate's bilinear weights (align_corners=False, no antialias)."""
+    src = np.maximum((np.arange(size_out, dtype=np.float64) + 0.5) * (size_in / size_out) - 0.5, 0.0)
+    i0 = np.minimum(src.astype(np.int64), size_in - 1)
+    i1 = np.minimum(i0 + 1, size_in - 1)
+    frac = src - i0
+    w = np.zeros((size_out, size_in), dtype=np.float32)
+    rows = np.arange(size_out)
+    np.add.at(w, (rows, i0), (1.0 - frac).astype(np.float32))
+    np.add.at(w, (rows, i1), frac.astype(np.float32))
+    return w
+
+
+def upsample_to_alpha(
+    cam: torch.Tensor, height: int, width: int, *, levels: int, floor: float, rows: int = 32
+) -> np.ndarray:
+    """One (h, w) map -> (height, width) uint8 alpha: ``heatmap_to_alpha(upsample_maps(cam).clamp(0, 1))``
+    without the natural-size float32 map (20 MB at 5 MP). Bilinear upsampling is separable, so it is
+    ``Wy @ cam @ Wx.T``; computed in bands of ``rows`` rows that stay in L2 and are quantised straight away
+    (64+ rows measured 4-7x slower here: BLAS goes multithreaded and the band leaves the cache).
+    Same weights as F.interpolate; float rounding can move a pixel sitting exactly on a level step by one level.
+    """
+    m = cam.detach().to(torch.float32).cpu().numpy()
+    wy = _bilinear_weights(m.shape[0], height)
+    across = m @ _bilinear_weights(m.shape[1], width).T  # (h, width)
+    out = np.empty((height, width), dtype=np.uint8)
+    for r0 in range(0, height, rows):
+        band = wy[r0 : r0 + rows] @ across
+        np.clip(band, 0.0, 1.0, out=band)
+        out[r0 : r0 + rows] = heatmap_to_alpha(band, levels=levels, floor=floor)
+    return out
 
 
 def reference_gradcam(model: nn.Module, x: torch.Tensor, num_findings: int) -> torch.Tensor:

@@ -16,8 +16,8 @@ import torch
 
 from ml_backend.config import HeatmapSettings
 from ml_backend.explain.bitmask_png import encode_heat_png
-from ml_backend.explain.brush_rle import encode_alpha, encode_alpha_array, heatmap_to_alpha
-from ml_backend.explain.cam import upsample_maps
+from ml_backend.explain.brush_rle import encode_alpha, encode_alpha_array
+from ml_backend.explain.cam import upsample_to_alpha
 from ml_backend.inference.summary import probability_summary
 from ml_backend.io.label_config import ProjectSchema
 from ml_backend.models.registry import LoadedModel
@@ -124,9 +124,9 @@ def build_prediction(
         # heatmap_png.md). The others keep their choice and probability.
         with_heatmap = sorted(with_heatmap, key=lambda k: -probabilities[k])[: heatmaps.max_findings]
     if control and with_heatmap:
-        heat = upsample_maps(cams[with_heatmap], height, width).clamp_(0, 1).numpy()
-        for k, finding_heat in zip(with_heatmap, heat, strict=True):
-            alpha = heatmap_to_alpha(finding_heat, levels=heatmaps.levels, floor=heatmaps.floor)
+        for k in with_heatmap:
+            # Straight to uint8 alpha in cache-sized bands: no natural-size float32 map (bench/results/heatmap_png.md).
+            alpha = upsample_to_alpha(cams[k], height, width, levels=heatmaps.levels, floor=heatmaps.floor)
             region = heatmap_region(
                 control,
                 schema.image_name,
