@@ -252,7 +252,7 @@ def part_predict(reps: int, n_tasks: int) -> dict[str, Any]:
         results = predictor.predict(tasks, schemas[kind], loaded)
         body = orjson.dumps({"results": results}, option=orjson.OPT_SERIALIZE_NUMPY)
         payload[kind] = len(body)
-        heatmaps[kind] = sum(1 for r in results for x in r["result"] if x["type"] != "choices")
+        heatmaps[kind] = sum(1 for r in results for x in r["result"] if x["type"] in ("bitmasklabels", "brushlabels"))
 
     images = []
     for path in files:
