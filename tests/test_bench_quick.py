@@ -15,14 +15,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _bench(script: str, *args: str, timeout: int) -> subprocess.CompletedProcess[str]:
+    """Run bench/<script> in quick mode as a user would (a subprocess), output captured."""
+    command = [sys.executable, str(ROOT / "bench" / script), "--quick", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
 def test_physician_benchmark_quick_mode(tmp_path: Path) -> None:
     shared_or_skip(NIH)
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_physician.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    run = _bench("bench_physician.py", "--out", str(tmp_path), timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     for key in (
@@ -54,24 +55,14 @@ def test_physician_benchmark_quick_mode(tmp_path: Path) -> None:
 def test_base_models_quick_mode_fails_loudly_when_short() -> None:
     """One epoch cannot reach issue 16's clean-model targets: the benchmark must say so and exit non-zero."""
     shared_or_skip(NIH)
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_base_models.py"), "--quick", "--threads", "2"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = _bench("bench_base_models.py", "--threads", "2", timeout=600)
     assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
     assert "FAIL: the clean model falls short" in run.stderr and "Cardiomegaly AUROC" in run.stderr
 
 
 def test_cooccurrence_quick_mode(tmp_path: Path) -> None:
     shared_or_skip(NIH)
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_cooccurrence.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = _bench("bench_cooccurrence.py", "--out", str(tmp_path), timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((tmp_path / "cooccurrence.json").read_text())
     assert result["pair"] == {"finding": "Atelectasis", "partner": "Effusion"}
