@@ -34,7 +34,7 @@ from ml_backend.inference.model_outputs import run_model  # noqa: E402
 from ml_backend.inference.task_images import TaskImageLoader  # noqa: E402
 from ml_backend.io.label_config import parse_label_config  # noqa: E402
 from ml_backend.models.registry import ModelRegistry  # noqa: E402
-from ml_backend.rank.job import TaskOutput, _prediction  # noqa: E402
+from ml_backend.rank.records import RankingItem, ranked_prediction  # noqa: E402
 from ml_backend.rank.strategy import (  # noqa: E402
     RankConfig,
     RankInputs,
@@ -86,16 +86,18 @@ def predict_and_rank(n_images: int, settings: Settings) -> dict:
     for size in (64, 1024):
         started = time.perf_counter()
         for item in items[:20]:
-            output = TaskOutput(
-                item.index,
-                out.probabilities[item.index],
-                out.cams[item.index].numpy(),
-                out.features[item.index],
-                size,
-                size,
+            row: RankingItem = {
+                "task": item.index,
+                "rank": 1,
+                "score": 1.0,
+                "priority": 0.5,
+                "reason": "",
+                "signals": {},
+            }
+            cams = out.cams[item.index].numpy()
+            ranked_prediction(
+                settings.heatmap, schema, loaded, out.probabilities[item.index], cams, size, size, row, "bias"
             )
-            row = {"task": item.index, "rank": 1, "score": 1.0, "priority": 0.5, "reason": "", "signals": {}}
-            _prediction(settings, schema, loaded, output, row, "bias")
         build[f"{size}px_ms_per_task"] = round((time.perf_counter() - started) / 20 * 1e3, 1)
     total = t3 - t0
     return {

@@ -81,6 +81,22 @@ class HeatmapSettings:
 
 
 @dataclass(frozen=True)
+class RankingSettings:
+    """How the ranking job runs (README: RANKING_CONFIG, RANK_WRITE_BATCH)."""
+
+    config_path: Path | None = None  # JSON/YAML weighting findings and ranking signals
+    write_batch: int = 100  # predictions per Label Studio import call (and per resumable chunk)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RankingSettings:
+        e = _Env(environ)
+        return cls(
+            config_path=Path(raw) if (raw := e.text("RANKING_CONFIG")) else None,
+            write_batch=max(1, e.integer("RANK_WRITE_BATCH", 100)),
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the backend, the worker and the CLI read from the environment."""
 
@@ -117,11 +133,11 @@ class Settings:
     # The promotion gate (ml_backend/train/promotion.py): a version goes live only when it is no worse and no
     # more biased than its parent on the held-out patients.
     training: TrainingSettings = field(default_factory=TrainingSettings)
+    ranking: RankingSettings = field(default_factory=RankingSettings)
     promotion_gate: bool = True
     promotion_min_holdout: int = 4
     # When a job starts (ml_backend/feedback/retrain_policy.py): this many new annotations, START_TRAINING, or
     # this long without a new one.
-    ranking_config: Path | None = None  # JSON/YAML weighting findings and ranking signals (RANKING_CONFIG)
     retrain_min_annotations: int = 10
     retrain_quiet_s: float = 600.0
     max_projects: int = 100
@@ -182,7 +198,7 @@ class Settings:
             training=TrainingSettings.from_env(environ),
             promotion_gate=e.flag("PROMOTION_GATE", True),
             promotion_min_holdout=e.integer("PROMOTION_MIN_HOLDOUT", 4),
-            ranking_config=Path(raw) if (raw := e.text("RANKING_CONFIG")) else None,
+            ranking=RankingSettings.from_env(environ),
             retrain_min_annotations=e.integer("RETRAIN_MIN_ANNOTATIONS", 10),
             retrain_quiet_s=e.number("RETRAIN_QUIET_S", 600.0),
             max_projects=e.integer("MAX_PROJECTS", 100),

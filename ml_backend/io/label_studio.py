@@ -34,6 +34,10 @@ class LabelStudioError(RuntimeError):
     """A Label Studio call failed; the message says what to do about it."""
 
 
+class ProjectNotFound(LabelStudioError):
+    """Label Studio has no project of that id (or the token cannot see it)."""
+
+
 class ModelVersionNotInProject(LabelStudioError):
     """Label Studio accepts a project model_version only once predictions of that version (or an ML backend
     titled so) exist; until the first predictions are stored, the project keeps its previous version."""
@@ -124,12 +128,17 @@ def as_dict(obj: Any) -> dict[str, Any]:
     return obj.model_dump() if hasattr(obj, "model_dump") else dict(obj)
 
 
+def listed(client: LabelStudio, what: str, fn: Callable[..., Any], **kwargs: Any) -> list[dict[str, Any]]:
+    """Every item of a paged SDK listing, as dicts. The pager fetches page 2 onwards while it is iterated, so
+    the iteration runs inside ``call_sdk`` too: a timeout on page 3 is a LabelStudioError like one on page 1."""
+    return call_sdk(client, what, lambda: [as_dict(item) for item in fn(**kwargs)])
+
+
 def annotated_tasks(client: LabelStudio, project_id: int) -> list[dict[str, Any]]:
     """Every task of the project that has an annotation, with its annotations."""
-    pages: Any = call_sdk(
+    return listed(
         client, "list annotated tasks", client.tasks.list, project=project_id, fields="all", only_annotated=True
     )
-    return [as_dict(task) for task in pages]
 
 
 # The task fields the ranking reads (the Data Manager's `include`): no annotations, predictions or heatmaps.
@@ -141,8 +150,15 @@ def list_project_tasks(client: LabelStudio, project_id: int, ids: Sequence[int] 
     query = None
     if ids is not None:
         query = json.dumps({"selectedItems": {"all": False, "included": [int(i) for i in ids]}})
-    pager: Any = client.tasks.list(project=project_id, include=RANKING_TASK_FIELDS, page_size=500, query=query)
-    return [as_dict(t) for t in pager]
+    return listed(
+        client,
+        "list the project's tasks",
+        client.tasks.list,
+        project=project_id,
+        include=RANKING_TASK_FIELDS,
+        page_size=500,
+        query=query,
+    )
 
 
 def update_version_predictions(
@@ -190,12 +206,65 @@ def project_ranking_settings(client: LabelStudio, project_id: int) -> dict[str, 
     return None
 
 
-# ------------------------------------------------------------------------------------------------ checkpoint
+def read_project(client: LabelStudio, project_id: int) -> Any:
+    """The project (label config, model version, ...); ProjectNotFound on a 404."""
+    try:
+        return call_sdk(client, "read the project", client.projects.get, id=project_id)
+    except ApiError as exc:
+        if exc.status_code == 404:
+            raise ProjectNotFound(f"Label Studio has no project {project_id}") from exc
+        raise
 
 
 def project_label_config(client: LabelStudio, project_id: int) -> str:
-    project = call_sdk(client, "read the project", client.projects.get, id=project_id)
-    return str(project.label_config or "")
+    return str(read_project(client, project_id).label_config or "")
+
+
+def task_annotations(client: LabelStudio, task_id: int) -> list[dict[str, Any]]:
+    """One task's annotations (submitted, skipped and drafts' parents), oldest first as Label Studio lists them."""
+    return listed(client, "list a task's annotations", client.annotations.list, id=task_id)
+
+
+def import_predictions(client: LabelStudio, project_id: int, predictions: Sequence[dict[str, Any]]) -> None:
+    """Bulk-create predictions (``{"task", "result", "score", "model_version"}`` each) in one call."""
+    if predictions:
+        call_sdk(
+            client,
+            "import predictions",
+            client.projects.import_predictions,
+            id=project_id,
+            request=list(predictions),
+        )
+
+
+def stored_task_data(client: LabelStudio, project_id: int, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """The tasks' ``data`` as stored: ``resolve_uri=false``, so an ``s3://`` reference is not replaced by its
+    presigned form (writing that back would break the task once the URL expires)."""
+    query = json.dumps({"selectedItems": {"all": False, "included": [int(i) for i in ids]}})
+    tasks = listed(
+        client,
+        "list tasks' data",
+        client.tasks.list,
+        project=project_id,
+        include="id,data",
+        resolve_uri=False,
+        page_size=500,
+        query=query,
+    )
+    return {int(t["id"]): dict(t.get("data") or {}) for t in tasks}
+
+
+def update_task_data(client: LabelStudio, task_id: int, data: dict[str, Any]) -> None:
+    """Replace one task's ``data``; the response is cut down to the id (Label Studio answers a task PATCH with its
+    predictions, heatmaps included, otherwise)."""
+    call_sdk(
+        client,
+        "update a task's data",
+        client.tasks.update,
+        id=str(task_id),
+        data=data,
+        request_options={"additional_query_parameters": {"fields": "id"}},
+    )
 
 
 # -- project-level settings, reused by the ranking job after every new model version -------------------------
@@ -205,7 +274,7 @@ def set_project_model_version(client: LabelStudio, project_id: int, model_versio
     Returns True when it changed anything. Raises ModelVersionNotInProject while the project holds no
     prediction of that version: Label Studio 1.23 validates the field against predictions and backend titles.
     """
-    project = call_sdk(client, "read the project", client.projects.get, id=project_id)
+    project = read_project(client, project_id)
     if project.model_version == model_version:
         return False
     try:

@@ -16,7 +16,6 @@ of the queue); the probabilities stay, as the model's opinion next to the physic
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ml_backend.io.label_studio import as_dict
+from ml_backend.io.label_studio import stored_task_data, update_task_data
 
 log = logging.getLogger(__name__)
 
@@ -66,28 +65,21 @@ def column_types(labels: Sequence[str]) -> dict[str, str]:
 
 
 def _stored_data(client: Any, project_id: int, ids: Sequence[int]) -> dict[int, dict[str, Any]] | None:
-    """The tasks' data as stored (``resolve_uri=false``: an ``s3://`` reference stays one); None when Label
-    Studio cannot list them (logged: the columns wait for the next ranking, the ranking goes on)."""
-    query = json.dumps({"selectedItems": {"all": False, "included": [int(i) for i in ids]}})
+    """The tasks' data as stored; None when Label Studio cannot list them (logged: the columns wait for the
+    next ranking, the ranking goes on)."""
     try:
-        tasks = client.tasks.list(project=project_id, include="id,data", resolve_uri=False, page_size=500, query=query)
-        return {int(t["id"]): dict(t.get("data") or {}) for t in map(as_dict, tasks)}
-    except Exception as exc:
+        return stored_task_data(client, project_id, ids)
+    except Exception as exc:  # columns are a view on the ranking: a failure must not stop the job
         log.warning("project %s: review columns not written, tasks not listed: %s", project_id, exc)
         return None
 
 
 def _patch(client: Any, updates: Mapping[int, dict[str, Any]]) -> tuple[int, int]:
-    """PATCH each task's data (the response cut down to the id: Label Studio answers a task PATCH with its
-    predictions, heatmaps included, otherwise). Returns (written, failed); a failure is logged, never raised."""
+    """Write each task's data. Returns (written, failed); a failure is logged, never raised."""
 
     def one(task_id: int) -> bool:
         try:
-            client.tasks.update(
-                id=str(task_id),
-                data=updates[task_id],
-                request_options={"additional_query_parameters": {"fields": "id"}},
-            )
+            update_task_data(client, task_id, updates[task_id])
         except Exception as exc:  # columns are a view on the ranking: a failed one must not stop the job
             log.warning("task %s: review columns not written: %s", task_id, exc)
             return False

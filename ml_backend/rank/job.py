@@ -5,11 +5,12 @@ Stages (each logged, and kept in the rq job's meta and in Redis ``mdb:<p>:rank``
 1. read the project (label config -> findings) and load the live model from ``ModelRegistry``;
 2. list the tasks (minimal fields, paged); candidates are tasks nobody annotated or skipped;
 3. predict the candidates in batches with ``TaskImageLoader.load_all`` + ``run_model``; each batch's compact
-   outputs (probabilities, CAMs, pooled features, image size) go to a checkpoint under
+   outputs (probabilities, CAMs, pooled features, image size) go to a checkpoint (``rank/checkpoint.py``) under
    ``MODEL_DIR/projects/<p>/ranking/<version>/``, so a rerun predicts only what is missing;
 4. priors from the annotations so far (the backend's annotation store, else Label Studio): label counts,
    co-occurrence, the ignore-mask prior;
-5. rank every candidate (``rank_candidates``) and save the ranking before anything is written;
+5. rank every candidate (``rank_candidates``) and save the ranking (``rank/records.py``) before anything is
+   written;
 6. write, top of the queue first, in chunks, one prediction per task (``/predict``'s result format, heatmaps
    included) whose ``score`` is ``1 - rank / N`` and whose findings result carries ``ranking`` (rank, reason,
    signals): a task that already holds a prediction of this version (opened meanwhile, or ranked before) has
@@ -28,12 +29,7 @@ rewrites scores task by task, top first.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,29 +38,42 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ml_backend.config import Settings
 from ml_backend.feedback.annotations import AnnotationError, AnnotationRecord, parse_annotation
+from ml_backend.feedback.queue import RANKING, coalesced_run, connect, schedule
+from ml_backend.feedback.store import AnnotationStore
 from ml_backend.inference.model_outputs import run_model
-from ml_backend.inference.results import build_prediction
-from ml_backend.inference.summary import add_ranking_to_summary
 from ml_backend.inference.task_images import TaskImageLoader
 from ml_backend.io.images import LoadedImage
 from ml_backend.io.label_config import LabelConfigError, ProjectSchema, parse_label_config
 from ml_backend.io.label_studio import (
-    as_dict,
+    ProjectNotFound,
     client_from_settings,
+    import_predictions,
     list_project_tasks,
     project_ranking_settings,
+    read_project,
     set_project_model_version,
     set_review_view,
+    task_annotations,
     update_version_predictions,
 )
 from ml_backend.models.registry import LoadedModel, ModelRegistry
 from ml_backend.models.store import VersionStore, project_key
+from ml_backend.rank.checkpoint import RankCheckpoint, TaskOutput
 from ml_backend.rank.columns import clear_queue_columns, column_types, review_columns, write_review_columns
 from ml_backend.rank.priors import Priors, priors_from_records
+from ml_backend.rank.progress import Progress
+from ml_backend.rank.records import (
+    RankedPrediction,
+    RankingItem,
+    SavedRanking,
+    priors_summary,
+    ranked_prediction,
+    ranking_key,
+    saved_ranking,
+)
 from ml_backend.rank.strategy import RankConfig, RankedItem, RankInputs, mc_probabilities_from_features, rank_candidates
 from ml_backend.train.suggestions import Suggester
 
@@ -72,9 +81,30 @@ log = logging.getLogger(__name__)
 
 JOB_FUNCTION = "ml_backend.rank.job.rank_project_job"
 
+__all__ = [
+    "JOB_FUNCTION",
+    "RankCheckpoint",
+    "RankError",
+    "RankOptions",
+    "TaskOutput",
+    "describe",
+    "load_rank_config",
+    "rank_project",
+    "rank_project_job",
+    "schedule_ranking",
+]
+
 
 class RankError(RuntimeError):
     """The project cannot be ranked (no tasks, no findings, no model, ...); nothing was written."""
+
+
+class _NothingToRank(Exception):
+    """A step found nothing to rank; the job ends "skipped" with this reason (nothing written)."""
+
+    def __init__(self, reason: str, **extra: Any) -> None:
+        super().__init__(reason)
+        self.reason, self.extra = reason, extra
 
 
 @dataclass
@@ -82,179 +112,31 @@ class RankOptions:
     strategy: str | None = None  # overrides the configured strategy
     config_path: str | None = None  # default: $RANKING_CONFIG
     batch_size: int | None = None  # images per model batch (default PREDICT_BATCH_SIZE)
-    write_batch: int = 100  # predictions per Label Studio import call
+    write_batch: int | None = None  # predictions per Label Studio import call (default RANK_WRITE_BATCH)
     limit: int | None = None  # rank at most this many candidates (lowest task ids first)
     force: bool = False  # recompute the ranking even if a saved one matches
     dry_run: bool = False  # rank and report, write nothing
     set_view: bool = True
 
 
-@dataclass
-class TaskOutput:
-    task_id: int
-    probabilities: np.ndarray  # (K,)
-    cams: np.ndarray  # (K, h, w) float16, [0, 1]
-    features: np.ndarray  # (C,) float16
-    width: int
-    height: int
-
-
-# ------------------------------------------------------------------------------------------------ config
 def load_rank_config(
-    path: str | os.PathLike[str] | None = None,
+    path: str | Path | None = None,
     project_overrides: dict[str, Any] | None = None,
     strategy: str | None = None,
     settings: Settings | None = None,
 ) -> RankConfig:
     """Defaults < file (``path`` or $RANKING_CONFIG) < the project's settings < the command line."""
-    chosen = Path(path) if path else (settings or Settings.from_env()).ranking_config
+    chosen = Path(path) if path else (settings or Settings.from_env()).ranking.config_path
     config = RankConfig.from_file(chosen) if chosen else RankConfig()
     config = config.merged(project_overrides)
     return config.merged({"strategy": strategy}) if strategy else config
 
 
-class RankCheckpoint:
-    """Per (project, version) folder: model outputs per task, the saved ranking, and write progress."""
-
-    def __init__(self, model_dir: Path, project: str, version: str) -> None:
-        self.dir = Path(model_dir) / "projects" / project / "ranking" / version
-
-    def prune_other_versions(self) -> None:
-        """Drop older versions' checkpoints once this version's ranking is live (~2.5 kB per task each)."""
-        for other in self.dir.parent.iterdir():
-            if other.is_dir() and other != self.dir:
-                shutil.rmtree(other, ignore_errors=True)
-
-    def load_outputs(self, labels: Sequence[str]) -> dict[int, TaskOutput]:
-        outputs: dict[int, TaskOutput] = {}
-        for path in sorted(self.dir.glob("outputs-*.npz")):
-            try:
-                with np.load(path, allow_pickle=False) as data:
-                    if list(data["labels"]) != list(labels):
-                        continue
-                    for i, task_id in enumerate(data["task_ids"].tolist()):
-                        outputs[int(task_id)] = TaskOutput(
-                            int(task_id),
-                            data["probabilities"][i],
-                            data["cams"][i],
-                            data["features"][i],
-                            int(data["width"][i]),
-                            int(data["height"][i]),
-                        )
-            except (OSError, ValueError, KeyError) as exc:  # a torn file from a killed job: predict those again
-                log.warning("ignoring unreadable ranking checkpoint %s: %s", path, exc)
-        return outputs
-
-    def save_outputs(self, batch: Sequence[TaskOutput], labels: Sequence[str]) -> None:
-        if not batch:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        arrays = {
-            "labels": np.array(list(labels)),
-            "task_ids": np.array([o.task_id for o in batch], dtype=np.int64),
-            "probabilities": np.stack([o.probabilities for o in batch]).astype(np.float32),
-            "cams": np.stack([o.cams for o in batch]).astype(np.float16),
-            "features": np.stack([o.features for o in batch]).astype(np.float16),
-            "width": np.array([o.width for o in batch], dtype=np.int32),
-            "height": np.array([o.height for o in batch], dtype=np.int32),
-        }
-        fd, tmp = tempfile.mkstemp(prefix=".outputs-", suffix=".npz", dir=self.dir)
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
-        os.replace(tmp, self.dir / f"outputs-{time.time_ns()}-{batch[0].task_id}.npz")
-
-    def _read(self, name: str) -> dict[str, Any] | None:
-        try:
-            return json.loads((self.dir / name).read_text())
-        except (OSError, ValueError):
-            return None
-
-    def _write(self, name: str, payload: dict[str, Any]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.dir)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle)
-        os.replace(tmp, self.dir / name)
-
-    def load_ranking(self) -> dict[str, Any] | None:
-        return self._read("ranking.json")
-
-    def save_ranking(self, ranking: dict[str, Any]) -> None:
-        self._write("ranking.json", ranking)
-        self.save_progress(ranking["key"], written=0, done=False)
-
-    def progress(self) -> dict[str, Any]:
-        return self._read("progress.json") or {}
-
-    def save_progress(self, key: str, *, written: int, done: bool) -> None:
-        self._write("progress.json", {"key": key, "written": written, "done": done, "updated_at": time.time()})
-
-
-# ------------------------------------------------------------------------------------------------ progress
-class Progress:
-    """Stage and counters to the log, the rq job's meta and Redis ``mdb:<p>:rank`` (whichever exist)."""
-
-    def __init__(self, project: str, conn: Any = None) -> None:
-        self.project, self.conn = project, conn
-        self.state: dict[str, Any] = {"project": project}
-        self._last_log = 0.0
-
-    def __call__(self, force_log: bool = True, **values: Any) -> None:
-        from rq import get_current_job
-
-        self.state.update(values, updated_at=time.time())
-        now = time.monotonic()
-        if force_log or now - self._last_log > 5:
-            log.info("ranking %s: %s", self.project, {k: v for k, v in values.items() if k != "updated_at"})
-            self._last_log = now
-        job = get_current_job()
-        if job is not None:
-            job.meta.update(self.state)
-            job.save_meta()
-        if self.conn is not None:
-            from ml_backend.feedback.queue import key
-
-            try:
-                self.conn.hset(key(self.project, "rank"), mapping={k: json.dumps(v) for k, v in self.state.items()})
-            except Exception as exc:  # progress is best effort; the job itself must go on
-                log.debug("ranking progress not stored in Redis: %s", exc)
-
-
-# ------------------------------------------------------------------------------------------------ Label Studio
-def _versions(task: dict[str, Any]) -> set[str]:
-    raw = task.get("predictions_model_versions") or ""
-    items = raw if isinstance(raw, list) else str(raw).split(",")
-    return {str(v).strip() for v in items if str(v).strip()}
-
-
-def _labelled_records(
-    client: Any, project: str, labelled: Sequence[dict[str, Any]], schema: ProjectSchema
-) -> list[AnnotationRecord]:
-    """The latest usable annotation of each labelled task, read from Label Studio (one call per task)."""
-
-    def one(task: dict[str, Any]) -> AnnotationRecord | None:
-        try:
-            annotations = [as_dict(a) for a in client.annotations.list(id=int(task["id"]))]
-        except Exception as exc:
-            log.warning("task %s: annotations not readable for the priors: %s", task["id"], exc)
-            return None
-        for annotation in sorted(annotations, key=lambda a: str(a.get("updated_at") or ""), reverse=True):
-            try:
-                record = parse_annotation(project, annotation, task, schema)
-            except AnnotationError as exc:
-                log.info("task %s: annotation %s not used for the priors: %s", task["id"], annotation.get("id"), exc)
-                continue
-            if record is not None:
-                return record
-        return None
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return [r for r in pool.map(one, labelled) if r is not None]
-
-
 # ------------------------------------------------------------------------------------------------ the job
 @dataclass
 class _Run:
+    """One ranking: what it was given, and what it counts as it goes."""
+
     project_id: int
     project: str
     settings: Settings
@@ -266,6 +148,13 @@ class _Run:
     timings: dict[str, float] = field(default_factory=dict)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     columns: dict[str, int] = field(default_factory=lambda: {"written": 0, "failed": 0, "cleared": 0})
+
+    def timed(self, name: str, started: float) -> None:
+        self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - started, 3)
+
+    @property
+    def write_batch(self) -> int:
+        return max(1, self.options.write_batch or self.settings.ranking.write_batch)
 
 
 def rank_project(
@@ -279,7 +168,7 @@ def rank_project(
 ) -> dict[str, Any]:
     """Rank project ``project``'s unlabelled tasks in Label Studio; returns a summary.
 
-    Raises RankError (bad project, no findings) or ConnectError (Label Studio unreachable) before anything
+    Raises RankError (bad project, no findings) or LabelStudioError (Label Studio unreachable) before anything
     is written. An error while writing leaves the project on its previous model version; a rerun resumes.
     ``registry`` lets a serving process reuse its loaded live model; ``conn`` (Redis) adds progress in
     ``mdb:<p>:rank`` and priors from the backend's annotation store.
@@ -295,96 +184,27 @@ def rank_project(
             raise RankError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are needed to rank a project's tasks")
         client = client_from_settings(settings)
     key = project_key(project_id)
-    run = _Run(
-        project_id,
-        key,
-        settings,
-        options,
-        client,
-        registry or ModelRegistry(settings, VersionStore(settings.model_dir)),
-        conn,
-        Progress(key, conn),
-    )
+    registry = registry or ModelRegistry(settings, VersionStore(settings.model_dir))
+    run = _Run(project_id, key, settings, options, client, registry, conn, Progress(key, conn))
     return _rank(run)
 
 
-def _timed(run: _Run, name: str, started: float) -> None:
-    run.timings[name] = round(run.timings.get(name, 0.0) + time.perf_counter() - started, 3)
-
-
 def _rank(run: _Run) -> dict[str, Any]:
-    from label_studio_sdk.core.api_error import ApiError
-
+    """The steps, in order; each one below is a function of its own."""
     started = time.perf_counter()
-    run.progress(stage="reading project")
-    try:
-        project = run.client.projects.get(id=run.project_id)
-    except ApiError as exc:
-        if exc.status_code == 404:
-            raise RankError(f"Label Studio has no project {run.project_id}") from exc
-        raise
-    try:
-        schema = parse_label_config(project.label_config or "")
-    except LabelConfigError as exc:
-        raise RankError(f"project {run.project_id}: label config unusable for ranking: {exc}") from exc
-    config = load_rank_config(
-        run.options.config_path,
-        project_ranking_settings(run.client, run.project_id),
-        run.options.strategy,
-        settings=run.settings,
-    )
-    unknown = config.unknown_findings(schema.findings)
-    if unknown:
-        log.warning("project %s: ranking config weights findings it does not have: %s", run.project, unknown)
+    schema, config = _read_project(run)
     loaded = run.registry.get(run.project, schema.findings)
     version = loaded.version
-
-    t0 = time.perf_counter()
-    run.progress(stage="listing tasks", version=version)
-    tasks = list_project_tasks(run.client, run.project_id)
-    _timed(run, "list", t0)
-    if not tasks:
-        return _done(run, "skipped", version, reason=f"project {run.project_id} has no tasks")
-    candidates = [t for t in tasks if not t.get("total_annotations") and not t.get("cancelled_annotations")]
-    labelled = [t for t in tasks if t.get("total_annotations")]
-    candidates.sort(key=lambda t: int(t["id"]))
-    if run.options.limit is not None:
-        candidates = candidates[: max(0, run.options.limit)]
-    if not candidates:
-        return _done(run, "skipped", version, reason="every task is annotated or skipped: nothing to rank")
-
     checkpoint = RankCheckpoint(run.settings.model_dir, run.project, version)
-    outputs = _predict(run, loaded, schema, candidates, checkpoint)
-    ranked_tasks = [t for t in candidates if int(t["id"]) in outputs]
-    if not ranked_tasks:
-        return _done(run, "skipped", version, reason="no candidate image could be loaded", candidates=len(candidates))
-
-    key = _ranking_key(version, config, ranked_tasks)
-    saved = checkpoint.load_ranking()
-    if saved is not None and saved.get("key") == key and not run.options.force:
-        ranking = saved
-        run.progress(stage="reusing saved ranking", tasks=len(ranking["items"]))
-    else:
-        t0 = time.perf_counter()
-        run.progress(stage="ranking", tasks=len(ranked_tasks))
-        priors, priors_source = _priors(run, schema, labelled, outputs)
-        items = _rank_outputs(config, loaded, [outputs[int(t["id"])] for t in ranked_tasks], priors)
-        ranking = _ranking_payload(key, version, config, ranked_tasks, items, priors, priors_source, schema)
-        _timed(run, "rank", t0)
-        if not run.options.dry_run:
-            checkpoint.save_ranking(ranking)
-    predict_rank_s = run.timings.get("predict", 0.0) + run.timings.get("rank", 0.0)
-    summary_extra = {
-        "ranked": len(ranking["items"]),
-        "candidates": len(candidates),
-        "strategy": config.strategy,
-        "priors": ranking.get("priors"),
-        "top": ranking["items"][:10],
-        "predict_rank_tasks_per_s": round(len(ranking["items"]) / predict_rank_s, 2) if predict_rank_s else None,
-    }
+    try:
+        candidates, labelled = _list_candidates(run, version)
+        outputs = _predict(run, loaded, schema, candidates, checkpoint)
+        ranking = _rank_or_reuse(run, config, loaded, schema, candidates, labelled, outputs, checkpoint)
+    except _NothingToRank as nothing:
+        return _done(run, "skipped", version, reason=nothing.reason, **nothing.extra)
+    found = _ranking_summary(run, ranking, len(candidates))
     if run.options.dry_run:
-        return _done(run, "dry-run", version, started=started, **summary_extra)
-
+        return _done(run, "dry-run", version, started=started, **found)
     written, updated = _write(run, loaded, schema, ranking, checkpoint, outputs)
     _clear_columns(run, labelled)
     switched, view_id = _switch(run, version, loaded.labels)
@@ -400,21 +220,45 @@ def _rank(run: _Run) -> dict[str, Any]:
         model_version_set=switched,
         view_id=view_id,
         review_columns=run.columns,
-        **summary_extra,
+        **found,
     )
 
 
-def _done(run: _Run, status: str, version: str, started: float | None = None, **extra: Any) -> dict[str, Any]:
-    summary: dict[str, Any] = {"status": status, "project": run.project_id, "version": version, **extra}
-    summary["skipped"] = run.skipped
-    summary["seconds"] = dict(run.timings)
-    if started is not None:
-        total = time.perf_counter() - started
-        summary["seconds"]["total"] = round(total, 3)
-        if extra.get("ranked"):
-            summary["tasks_per_s"] = round(extra["ranked"] / total, 2)
-    run.progress(stage="done" if status == "ranked" else status, **{k: v for k, v in summary.items() if k != "top"})
-    return summary
+def _read_project(run: _Run) -> tuple[ProjectSchema, RankConfig]:
+    """Step 1: the project's findings (its label config) and the ranking config for it."""
+    run.progress(stage="reading project")
+    try:
+        project = read_project(run.client, run.project_id)
+    except ProjectNotFound as exc:
+        raise RankError(str(exc)) from exc
+    try:
+        schema = parse_label_config(project.label_config or "")
+    except LabelConfigError as exc:
+        raise RankError(f"project {run.project_id}: label config unusable for ranking: {exc}") from exc
+    overrides = project_ranking_settings(run.client, run.project_id)
+    config = load_rank_config(run.options.config_path, overrides, run.options.strategy, settings=run.settings)
+    unknown = config.unknown_findings(schema.findings)
+    if unknown:
+        log.warning("project %s: ranking config weights findings it does not have: %s", run.project, unknown)
+    return schema, config
+
+
+def _list_candidates(run: _Run, version: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Step 2: (candidates: tasks nobody annotated or skipped, lowest id first; annotated tasks)."""
+    t0 = time.perf_counter()
+    run.progress(stage="listing tasks", version=version)
+    tasks = list_project_tasks(run.client, run.project_id)
+    run.timed("list", t0)
+    if not tasks:
+        raise _NothingToRank(f"project {run.project_id} has no tasks")
+    candidates = [t for t in tasks if not t.get("total_annotations") and not t.get("cancelled_annotations")]
+    labelled = [t for t in tasks if t.get("total_annotations")]
+    candidates.sort(key=lambda t: int(t["id"]))
+    if run.options.limit is not None:
+        candidates = candidates[: max(0, run.options.limit)]
+    if not candidates:
+        raise _NothingToRank("every task is annotated or skipped: nothing to rank")
+    return candidates, labelled
 
 
 def _predict(
@@ -424,11 +268,10 @@ def _predict(
     candidates: Sequence[dict[str, Any]],
     checkpoint: RankCheckpoint,
 ) -> dict[int, TaskOutput]:
-    """Model outputs for every candidate whose image loads; reuses the checkpoint, saves each new batch."""
+    """Step 3: model outputs for every candidate whose image loads; reuses the checkpoint, saves each batch."""
     t0 = time.perf_counter()
-    outputs = checkpoint.load_outputs(loaded.labels)
     wanted = {int(t["id"]) for t in candidates}
-    outputs = {i: o for i, o in outputs.items() if i in wanted}
+    outputs = {i: o for i, o in checkpoint.load_outputs(loaded.labels).items() if i in wanted}
     missing = [t for t in candidates if int(t["id"]) not in outputs]
     run.progress(stage="predicting", done=len(outputs), total=len(candidates), reused=len(outputs))
     loader = TaskImageLoader(run.settings)
@@ -445,8 +288,7 @@ def _predict(
                     run.skipped.append({"task": int(task["id"]), "reason": str(img)})
             if good:
                 out = run_model(loaded, [img.pixels for _, img in good], batch_size)
-                cams = out.cams.numpy()
-                feats = out.features.numpy()
+                cams, feats = out.cams.numpy(), out.features.numpy()
                 new = [
                     TaskOutput(int(t["id"]), out.probabilities[i], cams[i], feats[i], img.width, img.height)
                     for i, (t, img) in enumerate(good)
@@ -457,9 +299,67 @@ def _predict(
             run.progress(force_log=False, stage="predicting", done=len(outputs), total=len(candidates))
     finally:
         loader.close()
-    _timed(run, "predict", t0)
+    run.timed("predict", t0)
     run.progress(stage="predicted", done=len(outputs), total=len(candidates), failed=len(run.skipped))
+    if not outputs:
+        raise _NothingToRank("no candidate image could be loaded", candidates=len(candidates))
     return outputs
+
+
+def _rank_or_reuse(
+    run: _Run,
+    config: RankConfig,
+    loaded: LoadedModel,
+    schema: ProjectSchema,
+    candidates: Sequence[dict[str, Any]],
+    labelled: Sequence[dict[str, Any]],
+    outputs: dict[int, TaskOutput],
+    checkpoint: RankCheckpoint,
+) -> SavedRanking:
+    """Steps 4-5: the saved ranking when version, config and candidates are the same, else priors + a new
+    ranking, saved before anything is written."""
+    task_ids = [int(t["id"]) for t in candidates if int(t["id"]) in outputs]
+    key = ranking_key(loaded.version, config, task_ids)
+    saved = checkpoint.load_ranking()
+    if saved is not None and saved.get("key") == key and not run.options.force:
+        run.progress(stage="reusing saved ranking", tasks=len(saved["items"]))
+        return saved
+    t0 = time.perf_counter()
+    run.progress(stage="ranking", tasks=len(task_ids))
+    priors, source = _priors(run, schema, labelled, outputs)
+    items = _rank_outputs(config, loaded, [outputs[t] for t in task_ids], priors)
+    ranking = saved_ranking(
+        key, loaded.version, config, task_ids, items, priors_summary(priors, schema.findings, source)
+    )
+    run.timed("rank", t0)
+    if not run.options.dry_run:
+        checkpoint.save_ranking(ranking)
+    return ranking
+
+
+def _ranking_summary(run: _Run, ranking: SavedRanking, n_candidates: int) -> dict[str, Any]:
+    predict_rank_s = run.timings.get("predict", 0.0) + run.timings.get("rank", 0.0)
+    return {
+        "ranked": len(ranking["items"]),
+        "candidates": n_candidates,
+        "strategy": ranking["strategy"],
+        "priors": ranking.get("priors"),
+        "top": ranking["items"][:10],
+        "predict_rank_tasks_per_s": round(len(ranking["items"]) / predict_rank_s, 2) if predict_rank_s else None,
+    }
+
+
+def _done(run: _Run, status: str, version: str, started: float | None = None, **extra: Any) -> dict[str, Any]:
+    summary: dict[str, Any] = {"status": status, "project": run.project_id, "version": version, **extra}
+    summary["skipped"] = run.skipped
+    summary["seconds"] = dict(run.timings)
+    if started is not None:
+        total = time.perf_counter() - started
+        summary["seconds"]["total"] = round(total, 3)
+        if extra.get("ranked"):
+            summary["tasks_per_s"] = round(extra["ranked"] / total, 2)
+    run.progress(stage="done" if status == "ranked" else status, **{k: v for k, v in summary.items() if k != "top"})
+    return summary
 
 
 def _priors(
@@ -471,19 +371,40 @@ def _priors(
     records: list[AnnotationRecord] = []
     source = "none"
     if run.conn is not None:
-        from ml_backend.feedback.store import AnnotationStore
-
         try:
             _, records = AnnotationStore(run.conn, run.project).snapshot()
             source = "annotation store"
         except Exception as exc:
             log.warning("project %s: annotation store unreadable, using Label Studio: %s", run.project, exc)
     if not records and labelled:
-        records = _labelled_records(run.client, run.project, labelled, schema)
+        records = _labelled_records(run, labelled, schema)
         source = "label studio"
     priors = priors_from_records(records, schema.findings, (int(grid[0]), int(grid[1])))
     run.skipped.extend(priors.skipped)
     return priors, source if records else "none"
+
+
+def _labelled_records(run: _Run, labelled: Sequence[dict[str, Any]], schema: ProjectSchema) -> list[AnnotationRecord]:
+    """The latest usable annotation of each labelled task, read from Label Studio (one call per task)."""
+
+    def one(task: dict[str, Any]) -> AnnotationRecord | None:
+        try:
+            annotations = task_annotations(run.client, int(task["id"]))
+        except Exception as exc:
+            log.warning("task %s: annotations not readable for the priors: %s", task["id"], exc)
+            return None
+        for annotation in sorted(annotations, key=lambda a: str(a.get("updated_at") or ""), reverse=True):
+            try:
+                record = parse_annotation(run.project, annotation, task, schema)
+            except AnnotationError as exc:
+                log.info("task %s: annotation %s not used for the priors: %s", task["id"], annotation.get("id"), exc)
+                continue
+            if record is not None:
+                return record
+        return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return [r for r in pool.map(one, labelled) if r is not None]
 
 
 def _rank_outputs(
@@ -514,54 +435,21 @@ def _rank_outputs(
     return rank_candidates(inputs, config)
 
 
-def _ranking_key(version: str, config: RankConfig, tasks: Sequence[dict[str, Any]]) -> str:
-    digest = hashlib.sha256()
-    digest.update(json.dumps({"version": version, "config": config.to_json()}, sort_keys=True).encode())
-    digest.update(np.array(sorted(int(t["id"]) for t in tasks), dtype=np.int64).tobytes())
-    return digest.hexdigest()[:20]
-
-
-def _ranking_payload(
-    key: str,
-    version: str,
-    config: RankConfig,
-    tasks: Sequence[dict[str, Any]],
-    items: Sequence[RankedItem],
-    priors: Priors,
-    priors_source: str,
-    schema: ProjectSchema,
-) -> dict[str, Any]:
-    n = len(items)
-    return {
-        "key": key,
-        "version": version,
-        "strategy": config.strategy,
-        "config": config.to_json(),
-        "created_at": time.time(),
-        "priors": {**priors.summary(schema.findings), "source": priors_source},
-        "items": [
-            {
-                "task": int(tasks[item.index]["id"]),
-                "rank": item.rank + 1,  # 1-based for people
-                "score": round(1.0 - item.rank / n, 6),  # higher = review sooner; monotone in rank
-                "priority": round(item.priority, 4),
-                "reason": item.reason,
-                "signals": {k: round(v, 4) for k, v in item.signals.items()},
-            }
-            for item in items
-        ],
-    }
+def _versions(task: dict[str, Any]) -> set[str]:
+    raw = task.get("predictions_model_versions") or ""
+    items = raw if isinstance(raw, list) else str(raw).split(",")
+    return {str(v).strip() for v in items if str(v).strip()}
 
 
 def _write(
     run: _Run,
     loaded: LoadedModel,
     schema: ProjectSchema,
-    ranking: dict[str, Any],
+    ranking: SavedRanking,
     checkpoint: RankCheckpoint,
     outputs: dict[int, TaskOutput],
 ) -> tuple[int, int]:
-    """Write the predictions top of the queue first; resumes after the last chunk a previous run finished."""
+    """Step 6: the predictions, top of the queue first; resumes after the last chunk a previous run finished."""
     t0 = time.perf_counter()
     items = ranking["items"]
     progress = checkpoint.progress()
@@ -571,43 +459,58 @@ def _write(
     run.progress(stage="writing predictions", written=first, total=len(items))
     pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rank-write")  # heatmap encoding
     suggester = _suggester(run, loaded)
-    version = ranking["version"]
     updated = 0
     written = first
     try:
-        for start in range(first, len(items), run.options.write_batch):
-            chunk = items[start : start + run.options.write_batch]
-            # Re-read the chunk's tasks: a physician may have opened one (creating a prediction of this version
-            # through /predict) or a task may be gone since the listing.
-            current = {
-                int(t["id"]): t for t in list_project_tasks(run.client, run.project_id, [i["task"] for i in chunk])
-            }
-            gone = [i["task"] for i in chunk if i["task"] not in current]
-            run.skipped.extend({"task": t, "reason": "task deleted during ranking"} for t in gone)
-            chunk = [i for i in chunk if i["task"] in current]
-            has_own = {t for t in (i["task"] for i in chunk) if version in _versions(current[t])}
-
-            def build(item: dict[str, Any]) -> dict[str, Any]:
-                output = outputs[item["task"]]
-                prediction = _prediction(run.settings, schema, loaded, output, item, ranking["strategy"])
-                suggester.add(prediction["result"], schema, output.task_id, output.width, output.height)
-                return prediction
-
-            payload = list(pool.map(build, chunk))
-            fresh = [p for p in payload if p["task"] not in has_own]
-            left = update_version_predictions(run.client, [p for p in payload if p["task"] in has_own], version)
-            updated += len(payload) - len(fresh) - len(left)
-            if fresh or left:  # `left`: its prediction went away since the listing
-                run.client.projects.import_predictions(id=run.project_id, request=fresh + left)
-            _write_columns(run, chunk, loaded.labels, outputs)
-            written = start + len(items[start : start + run.options.write_batch])
+        for start in range(first, len(items), run.write_batch):
+            updated += _write_chunk(
+                run, loaded, schema, ranking, items[start : start + run.write_batch], outputs, pool, suggester
+            )
+            written = min(start + run.write_batch, len(items))
             checkpoint.save_progress(ranking["key"], written=written, done=False)
             run.progress(force_log=False, stage="writing predictions", written=written, total=len(items))
     finally:
         pool.shutdown(wait=False)
     checkpoint.save_progress(ranking["key"], written=len(items), done=True)
-    _timed(run, "write", t0)
+    run.timed("write", t0)
     return written - first, updated
+
+
+def _write_chunk(
+    run: _Run,
+    loaded: LoadedModel,
+    schema: ProjectSchema,
+    ranking: SavedRanking,
+    chunk: Sequence[RankingItem],
+    outputs: dict[int, TaskOutput],
+    pool: ThreadPoolExecutor,
+    suggester: Suggester,
+) -> int:
+    """One chunk's predictions and Data Manager columns; returns how many were updated in place."""
+    version = ranking["version"]
+    # Re-read the chunk's tasks: a physician may have opened one (creating a prediction of this version through
+    # /predict) or a task may be gone since the listing.
+    current = {int(t["id"]): t for t in list_project_tasks(run.client, run.project_id, [i["task"] for i in chunk])}
+    run.skipped.extend(
+        {"task": i["task"], "reason": "task deleted during ranking"} for i in chunk if i["task"] not in current
+    )
+    chunk = [i for i in chunk if i["task"] in current]
+    has_own = {i["task"] for i in chunk if version in _versions(current[i["task"]])}
+
+    def build(item: RankingItem) -> RankedPrediction:
+        o = outputs[item["task"]]
+        prediction = ranked_prediction(
+            run.settings.heatmap, schema, loaded, o.probabilities, o.cams, o.width, o.height, item, ranking["strategy"]
+        )
+        suggester.add(prediction["result"], schema, o.task_id, o.width, o.height)
+        return prediction
+
+    payload = list(pool.map(build, chunk))
+    fresh = [dict(p) for p in payload if p["task"] not in has_own]
+    left = update_version_predictions(run.client, [dict(p) for p in payload if p["task"] in has_own], version)
+    import_predictions(run.client, run.project_id, fresh + left)  # `left`: its prediction went away meanwhile
+    _write_columns(run, chunk, loaded.labels, outputs)
+    return len(payload) - len(fresh) - len(left)
 
 
 def _suggester(run: _Run, loaded: LoadedModel) -> Suggester:
@@ -615,39 +518,8 @@ def _suggester(run: _Run, loaded: LoadedModel) -> Suggester:
     return Suggester(run.conn, run.project, loaded, run.registry.store.info(run.project, loaded.version).path)
 
 
-def _prediction(
-    settings: Settings,
-    schema: ProjectSchema,
-    loaded: LoadedModel,
-    output: TaskOutput,
-    item: dict[str, Any],
-    strategy: str,
-) -> dict[str, Any]:
-    """The prediction ``/predict`` would return for the task, with the ranking's score and reason."""
-    cams = torch.from_numpy(output.cams.astype(np.float32))
-    prediction = build_prediction(
-        settings.heatmap, schema, loaded, output.probabilities, cams, output.width, output.height
-    )
-    ranking = {k: item[k] for k in ("rank", "score", "priority", "reason", "signals")}
-    ranking["strategy"] = strategy
-    result = prediction["result"]
-    carrier = next((r for r in result if r.get("type") == "choices"), None)
-    if carrier is None:  # no finding and no "No Finding" choice: an empty choices result carries the reason
-        carrier = {
-            "id": "findings",
-            "from_name": schema.choices_name,
-            "to_name": schema.image_name,
-            "type": "choices",
-            "value": {"choices": []},
-        }
-        result.insert(0, carrier)
-    carrier["ranking"] = ranking
-    add_ranking_to_summary(result, schema, ranking)  # the reason, readable on the labelling page
-    return {"task": item["task"], "result": result, "score": item["score"], "model_version": loaded.version}
-
-
 def _write_columns(
-    run: _Run, chunk: Sequence[dict[str, Any]], labels: Sequence[str], outputs: dict[int, TaskOutput]
+    run: _Run, chunk: Sequence[RankingItem], labels: Sequence[str], outputs: dict[int, TaskOutput]
 ) -> None:
     """The chunk's Data Manager columns (rank, priority, reason, probabilities) into its tasks' data."""
     t0 = time.perf_counter()
@@ -655,7 +527,7 @@ def _write_columns(
     written, failed = write_review_columns(run.client, run.project_id, values)
     run.columns["written"] += written
     run.columns["failed"] += failed
-    _timed(run, "columns", t0)
+    run.timed("columns", t0)
 
 
 def _clear_columns(run: _Run, labelled: Sequence[dict[str, Any]]) -> None:
@@ -664,12 +536,12 @@ def _clear_columns(run: _Run, labelled: Sequence[dict[str, Any]]) -> None:
     cleared, failed = clear_queue_columns(run.client, run.project_id, labelled)
     run.columns["cleared"] += cleared
     run.columns["failed"] += failed
-    _timed(run, "columns", t0)
+    run.timed("columns", t0)
 
 
 def _switch(run: _Run, version: str, labels: Sequence[str]) -> tuple[bool, int | None]:
-    """Point the project at ``version`` and fix the review tab -- unless a newer version went live meanwhile
-    (its own ranking job will switch; switching back to this one would undo it)."""
+    """Step 7: point the project at ``version`` and fix the review tab -- unless a newer version went live
+    meanwhile (its own ranking job will switch; switching back to this one would undo it)."""
     live = run.registry.store.live_version(run.project)
     if live is not None and live != version:
         log.info("project %s: %s is live now; leaving the project's model version to its ranking", run.project, live)
@@ -692,16 +564,12 @@ def schedule_ranking(
 ) -> str | None:
     """Enqueue a ranking job unless one is already queued for the project (it ranks the version live when it
     starts). Returns the job id, or None."""
-    from ml_backend.feedback.queue import RANKING, schedule
-
     return schedule(conn, RANKING, project, version, reason=reason, meta={"version": version}, settings=settings)
 
 
 def rank_project_job(project: str, version: str | None = None, settings: Settings | None = None) -> dict[str, Any]:
     """The rq job: one ranking per project at a time (its own lock: ranking never waits for a training job,
     nor blocks one); ranks the live version."""
-    from ml_backend.feedback.queue import RANKING, coalesced_run, connect
-
     settings = settings or Settings.from_env()
     conn = connect(settings)
     with coalesced_run(conn, RANKING, project, settings):
