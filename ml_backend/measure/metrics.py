@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from fairlearn.metrics import equalized_odds_difference
@@ -34,6 +34,17 @@ from sklearn.metrics import (
     precision_score,
     recall_score,
     roc_auc_score,
+)
+
+from ml_backend.measure.payloads import (
+    AttentionAlignment,
+    AttributeFairness,
+    CooccurrenceMatrices,
+    FairnessCoverage,
+    FindingEqualizedOdds,
+    FindingQuality,
+    QualityMetrics,
+    VersionMetrics,
 )
 
 __all__ = [
@@ -145,7 +156,7 @@ def choose_thresholds(y_true: ArrayLike, y_prob: ArrayLike, default: float = 0.5
 
 def per_finding_metrics(
     y_true: ArrayLike, y_prob: ArrayLike, labels: Sequence[str], thresholds: ArrayLike | float
-) -> dict[str, Any]:
+) -> QualityMetrics:
     """Precision, recall, F1, AUROC, AUPRC, support and prevalence per finding, plus macro/micro aggregates.
 
     F1 and recall are None for a finding without positives (nothing to find); AUROC is None unless both
@@ -159,7 +170,7 @@ def per_finding_metrics(
     thr = np.broadcast_to(np.asarray(thresholds, dtype=float), (len(labels),))
     pred = binarize(yp, thr)
     n = yt.shape[0]
-    per: dict[str, dict[str, Any]] = {}
+    per: dict[str, FindingQuality] = {}
     for k, name in enumerate(labels):
         t, p, s = yt[:, k], pred[:, k], yp[:, k]
         support = int(t.sum())
@@ -234,12 +245,25 @@ def _eod_from_counts(
     return {"eod": eod, "tpr_gap": tpr_gap, "fpr_gap": fpr_gap, "tpr": tpr, "fpr": fpr}
 
 
-def _worst_mean(values: Sequence[float | None], names: Sequence[str]) -> dict[str, Any]:
+def _attribute_fairness(
+    groups: list[str], per: dict[str, FindingEqualizedOdds], names: Sequence[str]
+) -> AttributeFairness:
+    """One attribute's entry: per finding, and the worst and mean EOD over the findings where it is defined."""
+    values = [per[n]["eod"] for n in names]
     defined = [(v, n) for v, n in zip(values, names, strict=True) if v is not None and math.isfinite(v)]
     if not defined:
-        return {"worst": None, "worst_finding": None, "mean": None, "n_defined": 0}
+        return {
+            "groups": groups,
+            "per_finding": per,
+            "worst": None,
+            "worst_finding": None,
+            "mean": None,
+            "n_defined": 0,
+        }
     worst, worst_name = max(defined, key=lambda vn: vn[0])
     return {
+        "groups": groups,
+        "per_finding": per,
         "worst": float(worst),
         "worst_finding": worst_name,
         "mean": float(np.mean([v for v, _ in defined])),
@@ -249,7 +273,7 @@ def _worst_mean(values: Sequence[float | None], names: Sequence[str]) -> dict[st
 
 def _finding_eod_entry(
     t: np.ndarray, p: np.ndarray, codes: np.ndarray, names: list[str], min_count: int
-) -> dict[str, Any]:
+) -> FindingEqualizedOdds:
     tp, pos, fp, neg = _group_counts(t[:, None], p[:, None], codes, len(names))
     r = _eod_from_counts(tp, pos, fp, neg, min_count)
     eod = _num(r["eod"][0])
@@ -275,7 +299,7 @@ def equalized_odds(
     groups: Mapping[str, ArrayLike],
     labels: Sequence[str],
     min_group_count: int = 1,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, AttributeFairness]:
     """Equalized-odds difference per finding and group attribute, with worst and mean over findings.
 
     Returns ``{attribute: {"groups": [...], "per_finding": {finding: {"eod", "tpr_gap", "fpr_gap", "tpr",
@@ -285,7 +309,7 @@ def equalized_odds(
     """
     yt, yp = _as_2d(y_true, bool), _as_2d(y_pred, bool)
     labels = list(labels)
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, AttributeFairness] = {}
     for attr, values in groups.items():
         codes, names = _encode_groups(values)
         if codes.shape[0] != yt.shape[0]:
@@ -293,11 +317,7 @@ def equalized_odds(
         per = {
             name: _finding_eod_entry(yt[:, k], yp[:, k], codes, names, min_group_count) for k, name in enumerate(labels)
         }
-        out[attr] = {
-            "groups": names,
-            "per_finding": per,
-            **_worst_mean([v["eod"] for v in per.values()], labels),
-        }
+        out[attr] = _attribute_fairness(names, per, labels)
     return out
 
 
@@ -327,7 +347,7 @@ def cooccurrence_eod(
     labels: Sequence[str],
     min_support: int = 5,
     min_group_count: int = 1,
-) -> dict[str, Any]:
+) -> AttributeFairness:
     """Co-occurrence fairness: EOD of each finding A between images with and without its usual partner B.
 
     A large gap means the model's errors on A depend on whether B is there (it learned B as evidence for
@@ -335,19 +355,13 @@ def cooccurrence_eod(
     """
     yt, yp = _as_2d(y_true, bool), _as_2d(y_pred, bool)
     labels = list(labels)
-    per: dict[str, dict[str, Any]] = {}
+    per: dict[str, FindingEqualizedOdds] = {}
     for name, (partner, grp) in cooccurrence_groups(yt, labels, min_support).items():
         k = labels.index(name)
         codes, names = _encode_groups(grp)
-        per[name] = {
-            "partner": partner,
-            **_finding_eod_entry(yt[:, k], yp[:, k], codes, names, min_group_count),
-        }
-    return {
-        "groups": ["partner present", "partner absent"],
-        "per_finding": per,
-        **_worst_mean([v["eod"] for v in per.values()], list(per)),
-    }
+        per[name] = _finding_eod_entry(yt[:, k], yp[:, k], codes, names, min_group_count)
+        per[name]["partner"] = partner
+    return _attribute_fairness(["partner present", "partner absent"], per, list(per))
 
 
 def _conditional(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -364,7 +378,7 @@ def cooccurrence_matrices(
     labels: Sequence[str],
     y_prob: ArrayLike | None = None,
     min_support: int = 5,
-) -> dict[str, Any]:
+) -> CooccurrenceMatrices:
     """How often findings occur together in the labels and in the predictions, and how much the
     prediction of A moves with its partner B.
 
@@ -397,15 +411,18 @@ def cooccurrence_matrices(
                 "n_b_absent": int(without_b.sum()),
             }
         dependence[name] = entry
-    return _json_ready(
-        {
-            "labels": labels,
-            "label_cooccurrence": lab_cond,
-            "prediction_cooccurrence": pred_cond,
-            "label_counts": lab_n.astype(int),
-            "prediction_counts": pred_n.astype(int),
-            "partner_dependence": dependence,
-        }
+    return cast(
+        CooccurrenceMatrices,
+        _json_ready(
+            {
+                "labels": labels,
+                "label_cooccurrence": lab_cond,
+                "prediction_cooccurrence": pred_cond,
+                "label_counts": lab_n.astype(int),
+                "prediction_counts": pred_n.astype(int),
+                "partner_dependence": dependence,
+            }
+        ),
     )
 
 
@@ -519,7 +536,7 @@ def _resize_bilinear(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def attention_alignment(
     heatmaps: ArrayLike | Sequence[ArrayLike], region_masks: ArrayLike | Sequence[ArrayLike]
-) -> dict[str, Any]:
+) -> AttentionAlignment:
     """How well heatmaps sit on the annotated regions.
 
     ``heatmaps``: (N, h, w) floats (negative values count as 0); ``region_masks``: N boolean masks of any
@@ -634,7 +651,7 @@ def evaluate_version(
     n_boot: int = 200,
     seed: int = 0,
     alpha: float = 0.05,
-) -> dict[str, Any]:
+) -> VersionMetrics:
     """Everything measured for one model version, as a JSON-serialisable dict (``metrics.json``).
 
     ``groups``: ``{"sex": [...], "age": age_bins(ages), ...}``; co-occurrence fairness is added under
@@ -671,7 +688,7 @@ def evaluate_version(
     for k, name in enumerate(labels):
         quality["per_finding"][name]["f1_ci"] = _ci_pair(f1_lo[k], f1_hi[k])
 
-    fairness: dict[str, Any] = equalized_odds(yt, pred, groups, labels, min_group_count)
+    fairness: dict[str, AttributeFairness] = equalized_odds(yt, pred, groups, labels, min_group_count)
     for attr, values in groups.items():
         codes, names = _encode_groups(values)
         _, s = _bootstrap_samples(_eod_vector_fn(len(names), min_group_count), [yt, pred, codes], **boot)
@@ -694,7 +711,7 @@ def evaluate_version(
         cooc["worst_ci"] = None
     fairness[COOCCURRENCE] = cooc
 
-    attention: dict[str, Any] | None = None
+    attention: dict[str, AttentionAlignment] | None = None
     if heatmaps and regions:
         attention = {}
         all_maps: list[np.ndarray] = []
@@ -738,7 +755,7 @@ def evaluate_version(
         },
         "settings": {"min_cooccurrence": min_cooccurrence, "min_group_count": min_group_count},
     }
-    return _json_ready(result)
+    return cast(VersionMetrics, _json_ready(result))
 
 
 # ------------------------------------------------------------------------------------ patient groups
@@ -764,10 +781,10 @@ def patient_groups(attributes: Sequence[Mapping[str, Any]]) -> tuple[dict[str, n
 
 def fairness_coverage(
     metrics: Mapping[str, Any], groups: Mapping[str, ArrayLike], absent: Mapping[str, str], min_group_count: int = 5
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, FairnessCoverage]:
     """Which group attributes :func:`evaluate_version` could measure, in plain words: ``{attr: {"measured",
     "reason", "group_sizes"}}``; an attribute is measured when the EOD of at least one finding is defined."""
-    out: dict[str, dict[str, Any]] = {attr: {"measured": False, "reason": why} for attr, why in absent.items()}
+    out: dict[str, FairnessCoverage] = {attr: {"measured": False, "reason": why} for attr, why in absent.items()}
     fairness = metrics.get("fairness") or {}
     for attr, values in groups.items():
         codes, names = _encode_groups(values)

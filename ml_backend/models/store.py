@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from ml_backend.measure.payloads import VersionMetrics
+
 _VERSION = re.compile(r"^v(\d+)$")
 
 
@@ -53,7 +55,7 @@ class VersionMeta:
     thresholds: tuple[float, ...] | None = None  # per finding; None = THRESHOLD for all
     trained_generation: int | None = None  # the annotation store generation it was trained on
     training: dict[str, Any] | None = None  # what the job did (counts, history, config, skipped regions)
-    metrics: dict[str, Any] | None = None  # measure/metrics.py's payload on the held-out patients
+    metrics: VersionMetrics | None = None  # measure/metrics.py's payload on the held-out patients (as stored)
     promotion: dict[str, Any] | None = None  # train/promotion.py's decision and its numbers
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -76,15 +78,16 @@ class VersionMeta:
 
     def summary(self) -> dict[str, Any]:
         """One line's worth for /versions and ``medebiaser versions``."""
-        training, metrics, promotion = self.training or {}, self.metrics or {}, self.promotion or {}
+        training, promotion = self.training or {}, self.promotion or {}
+        metrics = self.metrics
         return {
             "version": self.version,
             "parent": self.parent,
             "created_at": self.created_at,
             "kind": self.kind,
             "annotations": training.get("annotations_used"),
-            "macro_f1": metrics.get("macro_f1"),
-            "macro_auroc": metrics.get("macro_auroc"),
+            "macro_f1": metrics.get("macro_f1") if metrics else None,
+            "macro_auroc": metrics.get("macro_auroc") if metrics else None,
             # A version the promotion gate kept back says why; `medebiaser activate` can still make it live.
             "promoted": promotion.get("promote"),
             "promotion": promotion.get("reason"),

@@ -31,6 +31,7 @@ from ml_backend.measure.metrics import (
     patient_groups,
     per_finding_metrics,
 )
+from ml_backend.measure.payloads import VersionMetrics
 from ml_backend.models.classifier import normalisation, pick_device
 from ml_backend.models.registry import ModelRegistry, model_from_version
 from ml_backend.models.store import VersionInfo, VersionStore
@@ -174,7 +175,7 @@ def example_heatmaps(
 
 def evaluate_holdout(
     y_true: np.ndarray, y_prob: np.ndarray, labels: tuple[str, ...], held: list[Example], thresholds: Sequence[float]
-) -> dict[str, Any]:
+) -> VersionMetrics:
     """The shared bias metrics on the held-out annotations: Equalized Odds by sex, age band and site whenever the
     task data has them (bootstrap by patient), and in ``fairness_coverage`` which could not be measured and why."""
     groups, absent = patient_groups([e.attributes for e in held])
@@ -240,7 +241,7 @@ class _Skip(Exception):
 class _Evaluation:
     """The candidate on the held-out patients, beside its parent (None without a holdout)."""
 
-    metrics: dict[str, Any] | None
+    metrics: VersionMetrics | None
     thresholds: Sequence[float] | None
     promotion: PromotionDecision
 
@@ -340,7 +341,10 @@ def _train_snapshot(
         "skipped": skipped,
         "regions_skipped": regions_skipped,
         "suggested_ignore": suggested_ignore,
-        "metrics": {k: (evaluation.metrics or {}).get(k) for k in ("macro_f1", "macro_auroc")},
+        "metrics": {
+            "macro_f1": evaluation.metrics["macro_f1"] if evaluation.metrics else None,
+            "macro_auroc": evaluation.metrics["macro_auroc"] if evaluation.metrics else None,
+        },
         "ranking_job": ranking_job,
     }
 
@@ -387,7 +391,7 @@ def _evaluate_and_gate(
     regions_skipped: dict[str, Any],
 ) -> _Evaluation:
     """Per-finding thresholds and the bias metrics on the held-out patients, then the promotion gate."""
-    metrics: dict[str, Any] | None = None
+    metrics: VersionMetrics | None = None
     thresholds: Sequence[float] | None = parent.meta.thresholds
     y_true: np.ndarray | None = None
     new_probs: np.ndarray | None = None
