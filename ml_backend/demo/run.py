@@ -43,9 +43,12 @@ import httpx
 from ml_backend.config import Settings
 from ml_backend.connect import ConnectError, connect_project
 from ml_backend.demo import synthetic
+from ml_backend.demo.bootstrap import cached_bootstrap, install_bootstrap
 from ml_backend.demo.services import PROJECT_ROOT, BackendProcess, LabelStudioProcess, ServiceError, pick_port
 from ml_backend.demo.setup import DemoError, LabelStudioAPI, image_tasks
+from ml_backend.io.label_config import parse_label_config
 from ml_backend.io.label_studio import make_client, set_project_model_version, set_review_view
+from ml_backend.models.store import VersionStore
 
 log = logging.getLogger("medebiaser.demo")
 
@@ -196,10 +199,6 @@ class Demo:
 
     def start_bootstrap(self, state: DemoState, image_dir: Path) -> None:
         """Train (or load) the starting model in a thread while Label Studio starts."""
-        from ml_backend.demo.bootstrap import cached_bootstrap
-        from ml_backend.io.label_config import parse_label_config
-        from ml_backend.models.store import VersionStore
-
         self._bootstrap = {}
         if not self.options.bootstrap or self.options.images:
             return
@@ -222,9 +221,6 @@ class Demo:
         self._bootstrap["thread"].start()
 
     def finish_bootstrap(self, project_id: int) -> None:
-        from ml_backend.demo.bootstrap import install_bootstrap
-        from ml_backend.models.store import VersionStore
-
         if "thread" not in self._bootstrap:
             return
         self._bootstrap["thread"].join()

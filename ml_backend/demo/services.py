@@ -7,6 +7,7 @@ terminal reaches only the demo, which then stops them in order.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -50,12 +51,8 @@ def pick_port(preferred: int | None = None) -> int:
 
 def _die_with_parent() -> None:
     # In the child before exec: SIGTERM it when the demo dies without cleaning up (Linux only).
-    try:
-        import ctypes
-
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 class ManagedProcess:

@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from .metrics import COOCCURRENCE
 
@@ -421,8 +423,6 @@ def _eod_plot(m: Mapping[str, Any], labels: list[str], attrs: list[str], version
 
 def _cmap(name: str) -> Any:
     """A named colormap with grey for masked (undefined) cells."""
-    from matplotlib import colormaps
-
     return colormaps[name].with_extremes(bad=NA)
 
 
@@ -524,7 +524,6 @@ def _dumbbell_plot(prev: Mapping[str, Any], new: Mapping[str, Any], labels: list
 
 
 def _legend_dot(face: str, edge: str, label: str) -> Any:
-    from matplotlib.lines import Line2D
 
     return Line2D([], [], marker="o", ls="", markerfacecolor=face, markeredgecolor=edge, markersize=7, label=label)
 

@@ -30,6 +30,7 @@ import torch
 from scipy import ndimage
 
 from ml_backend.feedback.annotations import IGNORE, SUGGESTED_PREFIX, AnnotationRecord
+from ml_backend.feedback.queue import key
 from ml_backend.inference.results import HeatmapControl, heatmap_region
 from ml_backend.io.label_config import ProjectSchema
 from ml_backend.models.classifier import to_input_tensor
@@ -159,8 +160,6 @@ class SuggestionStore:
     """What was suggested on each task, in Redis: ``mdb:<project>:suggestions`` task id -> JSON."""
 
     def __init__(self, conn: Any, project: str) -> None:
-        from ml_backend.feedback.queue import key
-
         self.conn = conn
         self.key = key(project, "suggestions")
 
