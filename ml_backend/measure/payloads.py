@@ -1,15 +1,16 @@
 """The shapes of what ``measure/metrics.py`` returns, as written to a version's ``metrics.json`` and read by the
 promotion summary, the HTML report and the benchmarks. ``None`` is an undefined metric (no positives, one class,
-a group too small); ``*_ci`` are ``[lo, hi]`` bootstrap intervals or None."""
+a group too small); ``*_ci`` are ``[lo, hi]`` bootstrap intervals or None. Keys that only some producers add are
+in a ``total=False`` subclass (``NotRequired`` needs Python 3.11; the package supports 3.10)."""
 
 from __future__ import annotations
 
-from typing import Any, NotRequired, TypedDict
+from typing import Any, TypedDict
 
 Interval = list[float | None] | None
 
 
-class FindingQuality(TypedDict):
+class _FindingQualityRequired(TypedDict):
     precision: float | None
     recall: float | None
     f1: float | None
@@ -19,7 +20,10 @@ class FindingQuality(TypedDict):
     prevalence: float | None
     predicted_positive: int
     threshold: float
-    f1_ci: NotRequired[Interval]  # evaluate_version only
+
+
+class FindingQuality(_FindingQualityRequired, total=False):
+    f1_ci: Interval  # evaluate_version only
 
 
 class QualityMetrics(TypedDict):
@@ -30,7 +34,7 @@ class QualityMetrics(TypedDict):
     n_images: int
 
 
-class FindingEqualizedOdds(TypedDict):
+class _FindingEqualizedOddsRequired(TypedDict):
     eod: float | None  # max(TPR gap, FPR gap) over the groups
     tpr_gap: float | None
     fpr_gap: float | None
@@ -38,26 +42,35 @@ class FindingEqualizedOdds(TypedDict):
     fpr: dict[str, float | None]
     n_pos: dict[str, int]
     n_neg: dict[str, int]
-    partner: NotRequired[str]  # co-occurrence fairness: the finding B whose presence defines the groups
-    eod_ci: NotRequired[Interval]
 
 
-class AttributeFairness(TypedDict):
+class FindingEqualizedOdds(_FindingEqualizedOddsRequired, total=False):
+    partner: str  # co-occurrence fairness: the finding B whose presence defines the groups
+    eod_ci: Interval
+
+
+class _AttributeFairnessRequired(TypedDict):
     groups: list[str]
     per_finding: dict[str, FindingEqualizedOdds]
     worst: float | None
     worst_finding: str | None
     mean: float | None
     n_defined: int  # findings whose EOD is defined
-    worst_ci: NotRequired[Interval]
 
 
-class AttentionAlignment(TypedDict):
+class AttributeFairness(_AttributeFairnessRequired, total=False):
+    worst_ci: Interval
+
+
+class _AttentionAlignmentRequired(TypedDict):
     n: int
     mass_inside: float | None  # share of heatmap mass inside the annotated region
     pointing_hit_rate: float | None
     region_fraction: float | None  # what a uniform heatmap would score
-    per_image: NotRequired[dict[str, list[Any]]]
+
+
+class AttentionAlignment(_AttentionAlignmentRequired, total=False):
+    per_image: dict[str, list[Any]]
 
 
 class CooccurrenceMatrices(TypedDict):
@@ -69,15 +82,16 @@ class CooccurrenceMatrices(TypedDict):
     partner_dependence: dict[str, dict[str, Any]]
 
 
-class FairnessCoverage(TypedDict):
+class _FairnessCoverageRequired(TypedDict):
     measured: bool
     reason: str
-    group_sizes: NotRequired[dict[str, int]]
 
 
-class VersionMetrics(TypedDict):
-    """``metrics.json`` of a version: quality, fairness and attention on its held-out patients."""
+class FairnessCoverage(_FairnessCoverageRequired, total=False):
+    group_sizes: dict[str, int]
 
+
+class _VersionMetricsRequired(TypedDict):
     schema: int
     labels: list[str]
     n_images: int
@@ -94,7 +108,12 @@ class VersionMetrics(TypedDict):
     attention: dict[str, AttentionAlignment] | None  # per finding and "overall"
     bootstrap: dict[str, Any]
     settings: dict[str, int]
-    # added by the training job (train/jobs.py)
-    fairness_coverage: NotRequired[dict[str, FairnessCoverage]]
-    parent: NotRequired[QualityMetrics]  # the parent version on the same held-out images
-    regions_skipped: NotRequired[Any]
+
+
+class VersionMetrics(_VersionMetricsRequired, total=False):
+    """``metrics.json`` of a version: quality, fairness and attention on its held-out patients; the training job
+    (train/jobs.py) adds the keys below."""
+
+    fairness_coverage: dict[str, FairnessCoverage]
+    parent: QualityMetrics  # the parent version on the same held-out images
+    regions_skipped: Any
