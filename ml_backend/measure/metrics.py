@@ -636,6 +636,97 @@ def _ci_pair(lo: float, hi: float) -> list[float | None] | None:
     return None if lo_ is None or hi_ is None else [lo_, hi_]
 
 
+def _quality_with_intervals(
+    yt: np.ndarray,
+    yp: np.ndarray,
+    pred: np.ndarray,
+    labels: list[str],
+    thr: np.ndarray,
+    boot: dict[str, Any],
+    alpha: float,
+    min_valid: int,
+) -> tuple[QualityMetrics, list[float | None] | None]:
+    """Per-finding quality with each F1's bootstrap interval; and macro-F1's interval."""
+    quality = per_finding_metrics(yt, yp, labels, thr)
+    _, f1_samples = _bootstrap_samples(_f1_vector, [yt, pred], **boot)
+    f1_lo, f1_hi = _percentile_ci(f1_samples, alpha, min_valid)
+    for k, name in enumerate(labels):
+        quality["per_finding"][name]["f1_ci"] = _ci_pair(f1_lo[k], f1_hi[k])
+    return quality, _ci_pair(f1_lo[-1], f1_hi[-1])
+
+
+def _fairness_with_intervals(
+    yt: np.ndarray,
+    pred: np.ndarray,
+    groups: Mapping[str, ArrayLike],
+    labels: list[str],
+    min_group_count: int,
+    boot: dict[str, Any],
+    alpha: float,
+    min_valid: int,
+) -> dict[str, AttributeFairness]:
+    """Equalized odds per group attribute, with intervals for each finding's EOD and the worst."""
+    fairness = equalized_odds(yt, pred, groups, labels, min_group_count)
+    for attr, values in groups.items():
+        codes, names = _encode_groups(values)
+        _, s = _bootstrap_samples(_eod_vector_fn(len(names), min_group_count), [yt, pred, codes], **boot)
+        lo, hi = _percentile_ci(s, alpha, min_valid)
+        for k, name in enumerate(labels):
+            fairness[attr]["per_finding"][name]["eod_ci"] = _ci_pair(lo[k], hi[k])
+        fairness[attr]["worst_ci"] = _ci_pair(lo[-1], hi[-1])
+    return fairness
+
+
+def _cooccurrence_fairness(
+    yt: np.ndarray,
+    pred: np.ndarray,
+    labels: list[str],
+    min_cooccurrence: int,
+    min_group_count: int,
+    boot: dict[str, Any],
+    alpha: float,
+    min_valid: int,
+) -> AttributeFairness:
+    """Each finding's EOD between images with and without its usual partner, with intervals."""
+    cooc = cooccurrence_eod(yt, pred, labels, min_cooccurrence, min_group_count)
+    partners = cooccurrence_groups(yt, labels, min_cooccurrence)
+    if not partners:
+        cooc["worst_ci"] = None
+        return cooc
+    cols = [labels.index(a) for a in partners]
+    present = np.stack([yt[:, labels.index(b)] for b, _ in partners.values()], axis=1)
+    _, s = _bootstrap_samples(_cooc_vector_fn(cols, min_group_count), [yt, pred, present], **boot)
+    lo, hi = _percentile_ci(s, alpha, min_valid)
+    for j, name in enumerate(partners):
+        cooc["per_finding"][name]["eod_ci"] = _ci_pair(lo[j], hi[j])
+    cooc["worst_ci"] = _ci_pair(lo[-1], hi[-1])
+    return cooc
+
+
+def _attention_by_finding(
+    labels: list[str],
+    heatmaps: Mapping[str, ArrayLike],
+    regions: Mapping[str, ArrayLike | Sequence[ArrayLike]],
+) -> dict[str, AttentionAlignment]:
+    """Attention alignment per finding with annotated regions, and over all of them (``overall``)."""
+    attention: dict[str, AttentionAlignment] = {}
+    all_maps: list[np.ndarray] = []
+    all_masks: list[np.ndarray] = []
+    for name in labels:
+        if name in heatmaps and name in regions:
+            maps: list[Any] = list(heatmaps[name])  # type: ignore[arg-type]  # n 2-D heatmaps
+            masks: list[Any] = list(regions[name])  # type: ignore[arg-type]
+            res = attention_alignment(maps, masks)
+            res.pop("per_image")
+            attention[name] = res
+            all_maps += maps
+            all_masks += masks
+    overall = attention_alignment(all_maps, all_masks)
+    overall.pop("per_image")
+    attention["overall"] = overall
+    return attention
+
+
 def evaluate_version(
     y_true: ArrayLike,
     y_prob: ArrayLike,
@@ -682,52 +773,12 @@ def evaluate_version(
     boot: dict[str, Any] = {"cluster_ids": cluster_ids, "n_boot": n_boot, "seed": seed}
     min_valid = min(10, n_boot)
 
-    quality = per_finding_metrics(yt, yp, labels, thr)
-    _, f1_samples = _bootstrap_samples(_f1_vector, [yt, pred], **boot)
-    f1_lo, f1_hi = _percentile_ci(f1_samples, alpha, min_valid)
-    for k, name in enumerate(labels):
-        quality["per_finding"][name]["f1_ci"] = _ci_pair(f1_lo[k], f1_hi[k])
-
-    fairness: dict[str, AttributeFairness] = equalized_odds(yt, pred, groups, labels, min_group_count)
-    for attr, values in groups.items():
-        codes, names = _encode_groups(values)
-        _, s = _bootstrap_samples(_eod_vector_fn(len(names), min_group_count), [yt, pred, codes], **boot)
-        lo, hi = _percentile_ci(s, alpha, min_valid)
-        for k, name in enumerate(labels):
-            fairness[attr]["per_finding"][name]["eod_ci"] = _ci_pair(lo[k], hi[k])
-        fairness[attr]["worst_ci"] = _ci_pair(lo[-1], hi[-1])
-
-    cooc = cooccurrence_eod(yt, pred, labels, min_cooccurrence, min_group_count)
-    partners = cooccurrence_groups(yt, labels, min_cooccurrence)
-    if partners:
-        cols = [labels.index(a) for a in partners]
-        present = np.stack([yt[:, labels.index(b)] for b, _ in partners.values()], axis=1)
-        _, s = _bootstrap_samples(_cooc_vector_fn(cols, min_group_count), [yt, pred, present], **boot)
-        lo, hi = _percentile_ci(s, alpha, min_valid)
-        for j, name in enumerate(partners):
-            cooc["per_finding"][name]["eod_ci"] = _ci_pair(lo[j], hi[j])
-        cooc["worst_ci"] = _ci_pair(lo[-1], hi[-1])
-    else:
-        cooc["worst_ci"] = None
-    fairness[COOCCURRENCE] = cooc
-
-    attention: dict[str, AttentionAlignment] | None = None
-    if heatmaps and regions:
-        attention = {}
-        all_maps: list[np.ndarray] = []
-        all_masks: list[np.ndarray] = []
-        for name in labels:
-            if name in heatmaps and name in regions:
-                maps: list[Any] = list(heatmaps[name])  # type: ignore[arg-type]  # n 2-D heatmaps
-                masks: list[Any] = list(regions[name])  # type: ignore[arg-type]
-                res = attention_alignment(maps, masks)
-                res.pop("per_image")
-                attention[name] = res
-                all_maps += maps
-                all_masks += masks
-        overall = attention_alignment(all_maps, all_masks)
-        overall.pop("per_image")
-        attention["overall"] = overall
+    quality, macro_f1_ci = _quality_with_intervals(yt, yp, pred, labels, thr, boot, alpha, min_valid)
+    fairness = _fairness_with_intervals(yt, pred, groups, labels, min_group_count, boot, alpha, min_valid)
+    fairness[COOCCURRENCE] = _cooccurrence_fairness(
+        yt, pred, labels, min_cooccurrence, min_group_count, boot, alpha, min_valid
+    )
+    attention = _attention_by_finding(labels, heatmaps, regions) if heatmaps and regions else None
 
     n_clusters = (
         len({str(c) for c in np.asarray(cluster_ids, dtype=object).ravel()}) if cluster_ids is not None else None
@@ -741,7 +792,7 @@ def evaluate_version(
         "thresholds_source": source,
         "per_finding": quality["per_finding"],
         "macro_f1": quality["macro_f1"],
-        "macro_f1_ci": _ci_pair(f1_lo[-1], f1_hi[-1]),
+        "macro_f1_ci": macro_f1_ci,
         "micro_f1": quality["micro_f1"],
         "macro_auroc": quality["macro_auroc"],
         "fairness": fairness,

@@ -36,12 +36,12 @@ from ml_backend.models.classifier import normalisation, pick_device
 from ml_backend.models.registry import ModelRegistry, model_from_version
 from ml_backend.models.store import VersionInfo, VersionStore
 from ml_backend.rank.job import schedule_ranking
-from ml_backend.train.examples import Example, holdout_split, skipped_regions_summary, tensorise
+from ml_backend.train.examples import Example, ExampleTensors, holdout_split, skipped_regions_summary, tensorise
 from ml_backend.train.losses import LossConfig
 from ml_backend.train.mask_propagation import PropagationConfig
 from ml_backend.train.promotion import PromotionDecision, PromotionPolicy, decide
 from ml_backend.train.suggestions import DETECTOR_FILE, SuggestionStore, rejected_tensors, suggestion_outcomes
-from ml_backend.train.trainer import TrainConfig, fine_tune, heatmap_grid, predict_probabilities
+from ml_backend.train.trainer import TrainConfig, TrainingRun, fine_tune, heatmap_grid, predict_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -265,11 +265,78 @@ def _train_snapshot(
     except _Skip as skip:
         return skip.summary
     regions_skipped = skipped_regions_summary(examples)
+    trained = _fine_tune(project, settings, versions, parent, labels, examples, records, generation)
+    evaluation = _evaluate_and_gate(
+        settings, labels, parent, trained.held, trained.holdout, trained.model, trained.parent_probs, regions_skipped
+    )
+    training = {
+        "annotations_used": len(trained.train_idx),
+        "holdout": len(trained.held),
+        "skipped": skipped,
+        "regions_skipped": regions_skipped,
+        "masked_ignore": int(trained.train_data.has_ignore.sum()),
+        "masked_evidence_pairs": int(trained.train_data.has_evidence.sum()),
+        "history": trained.run.history,
+        "mask_propagation": trained.run.propagation.to_json() if trained.run.propagation else None,
+        "suggested_ignore": trained.suggested_ignore,
+        "config": trained.config.to_json(),
+        "duration_s": round(time.time() - started, 2),
+        "reconcile": reconcile_summary,
+        "task_ids": sorted(r.task_id for r in records),
+    }
+    info = _save(project, versions, parent, trained, evaluation, generation, training, labels)
+    promoted = evaluation.promotion.promote
+    ranking_job = None
+    # Re-rank the unlabelled tasks only with a version physicians will see.
+    if promoted and settings.label_studio_url and settings.label_studio_api_key:
+        ranking_job = schedule_ranking(connect(settings), project, info.version, settings=settings)
+    return {
+        "status": "trained" if promoted else "candidate",
+        "promotion": evaluation.promotion.reason,
+        "version": info.version,
+        "parent": parent.version,
+        "annotations": len(examples),
+        "skipped": skipped,
+        "regions_skipped": regions_skipped,
+        "suggested_ignore": trained.suggested_ignore,
+        "metrics": {
+            "macro_f1": evaluation.metrics["macro_f1"] if evaluation.metrics else None,
+            "macro_auroc": evaluation.metrics["macro_auroc"] if evaluation.metrics else None,
+        },
+        "ranking_job": ranking_job,
+    }
+
+
+@dataclass
+class _Trained:
+    """What fine-tuning produced, and the split it used."""
+
+    model: torch.nn.Module
+    train_idx: list[int]
+    held: list[Example]
+    train_data: ExampleTensors
+    holdout: ExampleTensors
+    parent_probs: np.ndarray | None  # the parent's predictions on the holdout, before training
+    config: TrainConfig
+    run: TrainingRun
+    suggested_ignore: dict[str, Any]
+
+
+def _fine_tune(
+    project: str,
+    settings: Settings,
+    versions: VersionStore,
+    parent: VersionInfo,
+    labels: tuple[str, ...],
+    examples: list[Example],
+    records: list[AnnotationRecord],
+    generation: int,
+) -> _Trained:
+    """Split by patient, fine-tune the parent's weights on the training part (suggested ignore regions the
+    physicians deleted are the detector's negatives)."""
     train_idx, holdout_idx = holdout_split(examples, fraction=0.2)
     held = [examples[i] for i in holdout_idx]
-
-    device = pick_device(settings.device)
-    model = model_from_version(parent, versions, device)
+    model = model_from_version(parent, versions, pick_device(settings.device))
     input_size = parent.meta.input_size
     mean, std = normalisation(model)
     grid = heatmap_grid(model, input_size)
@@ -283,39 +350,39 @@ def _train_snapshot(
     rejected = rejected_tensors(outcomes.deleted, train_keys, train_data.images)
     _progress(stage="training", epoch=0, epochs=config.epochs, train=len(train_idx), holdout=len(holdout_idx))
     run = fine_tune(model, train_data, config, progress=lambda m: _progress(**m), rejected=rejected)
-    suggested_ignore = outcomes.summary({int(k) for k in train_keys if k.isdigit()})
+    suggested = outcomes.summary({int(k) for k in train_keys if k.isdigit()})
+    return _Trained(model, train_idx, held, train_data, holdout, parent_probs, config, run, suggested)
 
-    evaluation = _evaluate_and_gate(settings, labels, parent, held, holdout, model, parent_probs, regions_skipped)
+
+def _save(
+    project: str,
+    versions: VersionStore,
+    parent: VersionInfo,
+    trained: _Trained,
+    evaluation: _Evaluation,
+    generation: int,
+    training: dict[str, Any],
+    labels: tuple[str, ...],
+) -> VersionInfo:
+    """Save the version atomically (live only when the gate promoted it), with its held-out heatmaps and the
+    artefact detector for suggested ignore regions."""
     meta = parent.meta.but(
         parent=parent.version,
         kind="fine-tuned",
         created_at=None,
         thresholds=None if evaluation.thresholds is None else tuple(evaluation.thresholds),
         trained_generation=generation,
-        training={
-            "annotations_used": len(train_idx),
-            "holdout": len(holdout_idx),
-            "skipped": skipped,
-            "regions_skipped": regions_skipped,
-            "masked_ignore": int(train_data.has_ignore.sum()),
-            "masked_evidence_pairs": int(train_data.has_evidence.sum()),
-            "history": run.history,
-            "mask_propagation": run.propagation.to_json() if run.propagation else None,
-            "suggested_ignore": suggested_ignore,
-            "config": config.to_json(),
-            "duration_s": round(time.time() - started, 2),
-            "reconcile": reconcile_summary,
-            "task_ids": sorted(r.task_id for r in records),
-        },
+        training=training,
         metrics=evaluation.metrics,
         promotion=evaluation.promotion.to_json(),
     )
     _progress(stage="saving")
     promoted = evaluation.promotion.promote
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    extra = {"examples.npz": example_heatmaps(model, held, holdout, labels)}
-    if run.propagation is not None and run.propagation.detector is not None:  # suggested ignore regions
-        extra[DETECTOR_FILE] = run.propagation.detector.to_bytes()
+    state = {k: v.detach().cpu() for k, v in trained.model.state_dict().items()}
+    extra = {"examples.npz": example_heatmaps(trained.model, trained.held, trained.holdout, labels)}
+    propagation = trained.run.propagation
+    if propagation is not None and propagation.detector is not None:
+        extra[DETECTOR_FILE] = propagation.detector.to_bytes()
     info = versions.save_version(project, state, meta, extra_files=extra, make_live=promoted)
     _progress(stage="done", version=info.version, promoted=promoted)
     log.info(
@@ -324,29 +391,11 @@ def _train_snapshot(
         info.version,
         "is live" if promoted else "kept as a candidate",
         parent.version,
-        len(train_idx),
-        len(skipped),
+        len(trained.train_idx),
+        len(training["skipped"]),
         evaluation.promotion.reason,
     )
-    ranking_job = None
-    # Re-rank the unlabelled tasks only with a version physicians will see.
-    if promoted and settings.label_studio_url and settings.label_studio_api_key:
-        ranking_job = schedule_ranking(connect(settings), project, info.version, settings=settings)
-    return {
-        "status": "trained" if promoted else "candidate",
-        "promotion": evaluation.promotion.reason,
-        "version": info.version,
-        "parent": parent.version,
-        "annotations": len(examples),
-        "skipped": skipped,
-        "regions_skipped": regions_skipped,
-        "suggested_ignore": suggested_ignore,
-        "metrics": {
-            "macro_f1": evaluation.metrics["macro_f1"] if evaluation.metrics else None,
-            "macro_auroc": evaluation.metrics["macro_auroc"] if evaluation.metrics else None,
-        },
-        "ranking_job": ranking_job,
-    }
+    return info
 
 
 def _parent_version(
