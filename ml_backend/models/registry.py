@@ -15,7 +15,7 @@ from torch import nn
 from ml_backend.config import Settings
 from ml_backend.explain.cam import HeatmapExplainer
 from ml_backend.models.classifier import build_classifier, normalisation, pick_device, timm_api
-from ml_backend.models.store import VersionInfo, VersionMeta, VersionStore
+from ml_backend.models.store import VersionInfo, VersionMeta, VersionRepository, VersionStore
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class LoadedModel:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def model_from_version(info: VersionInfo, store: VersionStore, device: torch.device) -> nn.Module:
+def model_from_version(info: VersionInfo, store: VersionRepository, device: torch.device) -> nn.Module:
     meta = info.meta
     model = build_classifier(meta.backbone, len(meta.labels), output_stride=meta.output_stride)
     model.load_state_dict(store.load_state(info))
@@ -97,9 +97,9 @@ def remap_head(
 class ModelRegistry:
     """Per-process cache: ``get(project, labels)`` returns the live model, creating v0 on first use."""
 
-    def __init__(self, settings: Settings, store: VersionStore | None = None) -> None:
+    def __init__(self, settings: Settings, store: VersionRepository | None = None) -> None:
         self.settings = settings
-        self.store = store or VersionStore(settings.model_dir, settings.max_model_dir_bytes)
+        self.store: VersionRepository = store or VersionStore(settings.model_dir, settings.max_model_dir_bytes)
         self.device = pick_device(settings.device)
         self._cache: dict[tuple[str, str], LoadedModel] = {}
         self._lock = threading.Lock()

@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -122,7 +122,44 @@ def project_key(project: Any) -> str:
     return text
 
 
+class VersionRepository(Protocol):
+    """What the loop needs from wherever versions live. ``VersionStore`` keeps them in ``MODEL_DIR`` (below); a
+    store on shared or object storage implements the same methods (each version written whole, then made live
+    by one atomic step), and nothing else reads a version's files."""
+
+    def live_version(self, project: str) -> str | None: ...
+
+    def list_versions(self, project: str) -> list[VersionInfo]: ...
+
+    def projects(self) -> list[str]: ...
+
+    def info(self, project: str, version: str) -> VersionInfo: ...
+
+    def load_state(self, info: VersionInfo) -> dict[str, torch.Tensor]: ...
+
+    def read_file(self, info: VersionInfo, name: str) -> bytes | None: ...
+
+    def save_version(
+        self,
+        project: str,
+        state_dict: dict[str, torch.Tensor],
+        meta: VersionMeta,
+        *,
+        version: str | None = None,
+        make_live: bool = True,
+        extra_files: dict[str, bytes] | None = None,
+        shared_key: str | None = None,
+    ) -> VersionInfo: ...
+
+    def set_live(self, project: str, version: str) -> None: ...
+
+    def disk_usage(self) -> int: ...
+
+
 class VersionStore:
+    """Versions in ``MODEL_DIR/projects/<p>/versions/v<n>/`` (``model.pt``, ``meta.json``, extra files), the live
+    one named in ``MODEL_DIR/projects/<p>/live``; weights shared by many projects once in ``MODEL_DIR/shared/``."""
+
     def __init__(self, model_dir: Path, max_bytes: int | None = None) -> None:
         self.root = Path(model_dir) / "projects"
         self.shared_dir = Path(model_dir) / "shared"
@@ -187,6 +224,15 @@ class VersionStore:
 
     def load_state(self, info: VersionInfo) -> dict[str, torch.Tensor]:
         return torch.load(info.path / "model.pt", map_location="cpu", weights_only=True)
+
+    def read_file(self, info: VersionInfo, name: str) -> bytes | None:
+        """One of the files saved with the version (``extra_files`` of ``save_version``); None if it has none."""
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"not a version file name: {name!r}")
+        try:
+            return (info.path / name).read_bytes()
+        except FileNotFoundError:
+            return None
 
     def save_version(
         self,

@@ -75,7 +75,7 @@ from ml_backend.rank.records import (
     saved_ranking,
 )
 from ml_backend.rank.strategy import RankConfig, RankedItem, RankInputs, mc_probabilities_from_features, rank_candidates
-from ml_backend.train.suggestions import Suggester
+from ml_backend.train.suggestions import DETECTOR_FILE, Suggester
 
 log = logging.getLogger(__name__)
 
@@ -515,7 +515,9 @@ def _write_chunk(
 
 def _suggester(run: _Run, loaded: LoadedModel) -> Suggester:
     """Suggested ignore regions (train/suggestions.py) from the version's artefact detector, if it has one."""
-    return Suggester(run.conn, run.project, loaded, run.registry.store.info(run.project, loaded.version).path)
+    store = run.registry.store
+    detector = store.read_file(store.info(run.project, loaded.version), DETECTOR_FILE) if run.conn is not None else None
+    return Suggester(run.conn, run.project, loaded, detector)
 
 
 def _write_columns(

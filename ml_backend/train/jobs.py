@@ -34,7 +34,7 @@ from ml_backend.measure.metrics import (
 from ml_backend.measure.payloads import VersionMetrics
 from ml_backend.models.classifier import normalisation, pick_device
 from ml_backend.models.registry import ModelRegistry, model_from_version
-from ml_backend.models.store import VersionInfo, VersionStore
+from ml_backend.models.store import VersionInfo, VersionRepository, VersionStore
 from ml_backend.rank.job import schedule_ranking
 from ml_backend.train.examples import Example, ExampleTensors, holdout_split, skipped_regions_summary, tensorise
 from ml_backend.train.losses import LossConfig
@@ -325,7 +325,7 @@ class _Trained:
 def _fine_tune(
     project: str,
     settings: Settings,
-    versions: VersionStore,
+    versions: VersionRepository,
     parent: VersionInfo,
     labels: tuple[str, ...],
     examples: list[Example],
@@ -356,7 +356,7 @@ def _fine_tune(
 
 def _save(
     project: str,
-    versions: VersionStore,
+    versions: VersionRepository,
     parent: VersionInfo,
     trained: _Trained,
     evaluation: _Evaluation,
@@ -401,7 +401,7 @@ def _save(
 def _parent_version(
     project: str,
     settings: Settings,
-    versions: VersionStore,
+    versions: VersionRepository,
     generation: int,
     records: list[AnnotationRecord],
     force: bool,

@@ -234,12 +234,12 @@ def rejected_tensors(
     return images[torch.tensor(index)], torch.stack(masks)
 
 
-def load_detector(version_dir: Any) -> ArtefactDetector | None:
-    path = version_dir / DETECTOR_FILE
-    if not path.is_file():
+def load_detector(saved: bytes | None) -> ArtefactDetector | None:
+    """The detector a version saved as ``DETECTOR_FILE``; None when it has none or the file is unreadable."""
+    if saved is None:
         return None
     try:
-        return ArtefactDetector.from_bytes(path.read_bytes())
+        return ArtefactDetector.from_bytes(saved)
     except (ValueError, KeyError, OSError):
         return None
 
@@ -248,9 +248,9 @@ class Suggester:
     """The ranking job's side: runs the live version's detector (if it has one) on the images it predicts,
     records what it found per task, and adds the regions to the task's prediction."""
 
-    def __init__(self, conn: Any, project: str, loaded: Any, version_dir: Any) -> None:
+    def __init__(self, conn: Any, project: str, loaded: Any, detector_file: bytes | None) -> None:
         self.loaded = loaded
-        self.detector = load_detector(version_dir) if conn is not None else None
+        self.detector = load_detector(detector_file) if conn is not None else None
         self.store = SuggestionStore(conn, project) if conn is not None else None
         self.found = 0
 
