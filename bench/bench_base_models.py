@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import simulation as sim  # noqa: E402
 
-from ml_backend.models.classifier import normalisation, to_input_tensor  # noqa: E402
+from ml_backend.models.classifier import build_classifier, normalisation, to_input_tensor  # noqa: E402
 
 FINDINGS = (
     "Atelectasis",
@@ -56,16 +56,27 @@ MIN_POSITIVES = 50
 SOURCES = {"nih1000": ("nih1000", "."), "nih_hires": ("nih_hires", "images_128")}
 
 
-def load(size: int, sets: list[str]) -> dict:
+def standardise(image: np.ndarray) -> np.ndarray:
+    """Zero mean, unit std per image, mapped so that the model's ImageNet normalisation gives ~N(0, 1) again."""
+    z = (image - image.mean()) / max(float(image.std()), 1e-6)
+    return (z * 0.229 + 0.485).astype(np.float32)
+
+
+def load(size: int, sets: list[str], norm: str = "none") -> dict:
+    """``norm``: "none" (pixels / 255), "image" (per-image standardisation) or "equalize" (histogram
+    equalisation at the stored resolution, before resizing): both remove per-source brightness/contrast."""
     images, labels, patients, sexes, sources = [], [], [], [], []
     for name in sets:
         folder, sub = SOURCES[name]
         root = common.SHARED / folder
         for record in json.loads((root / "manifest.json").read_text()):
             img = Image.open(root / sub / record["image"]).convert("L")
+            if norm == "equalize":
+                img = ImageOps.equalize(img)
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.LANCZOS)
-            images.append(np.asarray(img, dtype=np.float32) / 255.0)
+            array = np.asarray(img, dtype=np.float32) / 255.0
+            images.append(standardise(array) if norm == "image" else array)
             labels.append([float(f in record["labels"]) for f in FINDINGS])
             patients.append(str(record["patient_id"]))
             sexes.append(record.get("sex", ""))
@@ -94,8 +105,9 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def train_fold(data: dict, train_idx: np.ndarray, args: argparse.Namespace, seed: int) -> torch.nn.Module:
-    spec = sim.ModelSpec(backbone=args.backbone, input_size=args.size)
-    model = sim.new_model(spec, len(FINDINGS), seed)
+    torch.manual_seed(seed)
+    kwargs = {"output_stride": args.output_stride, "drop_rate": args.drop_rate}
+    model = build_classifier(args.backbone, len(FINDINGS), **kwargs)
     mean, std = normalisation(model)
     x = to_input_tensor(list(data["images"][train_idx]), args.size, mean, std)
     y = torch.from_numpy(data["labels"][train_idx])
@@ -111,7 +123,8 @@ def train_fold(data: dict, train_idx: np.ndarray, args: argparse.Namespace, seed
             if len(index) < 2:
                 continue
             xb = augment(x[index], generator) if args.augment else x[index]
-            loss = F.binary_cross_entropy_with_logits(model(xb), y[index])
+            target = y[index] * (1 - args.label_smoothing) + 0.5 * args.label_smoothing
+            loss = F.binary_cross_entropy_with_logits(model(xb), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -163,6 +176,10 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--no-augment", dest="augment", action="store_false")
+    parser.add_argument("--norm", default="none", choices=["none", "image", "equalize"], help="see load()")
+    parser.add_argument("--output-stride", type=int, default=16, choices=[8, 16, 32])
+    parser.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the classifier head")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="BCE targets y*(1-s) + s/2")
     parser.add_argument("--sets", nargs="+", default=["nih1000", "nih_hires"], choices=list(SOURCES))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resume", action="store_true")
@@ -174,10 +191,14 @@ def main() -> int:
     common.require_shared()
     common.apply_threads(args.threads)
     started = time.time()
-    data = load(args.size, args.sets)
+    data = load(args.size, args.sets, args.norm)
     print(f"loaded {len(data['labels'])} images of {len(np.unique(data['patients']))} patients", flush=True)
     folds = sim.patient_folds(data["patients"], args.folds, seed=0)
     key = f"{args.name}-{args.size}-{args.backbone}-{args.epochs}-{args.lr}-{args.augment}-{'+'.join(args.sets)}"
+    # knobs added later join the cache key only when they differ from the original recipe, so old caches resume
+    original = {"batch_size": 64, "weight_decay": 1e-4, "norm": "none", "output_stride": 16, "drop_rate": 0.0}
+    original["label_smoothing"] = 0.0
+    key += "".join(f"-{k}={getattr(args, k)}" for k, v in original.items() if getattr(args, k) != v)
     cache = (Path("/tmp") if args.quick else common.RESULTS) / ".base_models_cache" / key
     cache.mkdir(parents=True, exist_ok=True)
     (cache.parent / ".gitignore").write_text("*\n")  # per-fold cache for --resume, not results
@@ -192,9 +213,7 @@ def main() -> int:
         t0 = time.time()
         test_idx = folds[fold]
         model = train_fold(data, np.setdiff1d(np.arange(len(pooled)), test_idx), args, seed=fold)
-        p = sim.probabilities(
-            model, sim.ModelSpec(backbone=args.backbone, input_size=args.size), data["images"][test_idx]
-        )
+        p = sim.probabilities(model, sim.ModelSpec(input_size=args.size), data["images"][test_idx])
         pooled[test_idx], fold_seconds[fold] = p, time.time() - t0
         np.savez(path, idx=test_idx, p=p, seconds=fold_seconds[fold])
         partial = report(data, pooled, ~np.isnan(pooled[:, 0]))
