@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import shutil
 import statistics
 import struct
@@ -355,6 +356,134 @@ def part_ls(n_tasks: int, chunk: int) -> dict[str, Any]:
     return out
 
 
+_SAMPLER = """
+if (window.top === window) {
+  window.__samples = [];
+  const W = 128, H = 160;
+  setInterval(() => {
+    const cs = document.querySelectorAll('.konvajs-content canvas');
+    let alpha = 0;
+    if (cs.length) {
+      const off = window.__off || (window.__off = document.createElement('canvas'));
+      off.width = W; off.height = H;
+      const ctx = off.getContext('2d', {willReadFrequently: true});
+      for (const c of cs) if (c.width && c.height) ctx.drawImage(c, 0, 0, W, H);
+      const d = ctx.getImageData(0, 0, W, H).data;
+      for (let i = 3; i < d.length; i += 4) if (d[i] > 0) alpha++;
+    }
+    window.__samples.push([performance.now(), document.querySelectorAll('.lsf-outliner-item').length, alpha]);
+  }, 50);
+}
+"""
+EDITOR_TIMEOUT_S = 90.0
+EDITOR_SETTLE_MS = 3000.0
+
+
+def _painted_ms(samples: list[list[float]]) -> float | None:
+    """First sample with >= 4 regions listed and >= 95% of the overlay's heat pixels it shows 3 s later."""
+    for i, (t, regions, alpha) in enumerate(samples):
+        if regions < 4 or alpha <= 0:
+            continue
+        later = next((s for s in samples[i:] if s[0] >= t + EDITOR_SETTLE_MS), None)
+        if later is None:
+            return None  # not decidable yet
+        if alpha >= 0.95 * later[2]:
+            return t
+    return None
+
+
+def part_editor(rounds: int) -> dict[str, Any]:
+    """Time from navigation start until the Label Studio 1.23.2 editor has painted a task's 4 heatmaps,
+    BrushLabels RLE vs BitmaskLabels PNG, headless chromium, a new browser context (cold cache) per open."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from e2e.label_studio import LabelStudioServer, label_studio_bin
+    from e2e.screenshot import CHROMIUM_ARGS, login
+    from playwright.sync_api import sync_playwright
+
+    from ml_backend.demo.setup import LabelStudioAPI
+
+    chromium = Path("/usr/bin/chromium")
+    if not label_studio_bin().exists() or not chromium.exists():
+        return {"skipped": f"needs {label_studio_bin()} and {chromium}"}
+    files = upscaled_xrays(rounds)
+    folder = WORK / "editor-films"  # local storage must be a subfolder of LOCAL_FILES_DOCUMENT_ROOT
+    folder.mkdir(exist_ok=True)
+    for f in files:
+        shutil.copy(f, folder / f.name)
+    settings = replace(Settings(), model_dir=WORK / "models", image_roots=(WORK,))
+    schemas = {"bitmask": parse_label_config(BITMASK_CONFIG), "brush": parse_label_config(CHEST_CONFIG)}
+    loaded = ModelRegistry(settings).get("1", schemas["bitmask"].findings)
+    loaded = replace(loaded, thresholds=np.zeros(len(loaded.labels)))  # 4 heatmaps on every task
+    predictor = Predictor(settings)
+    predictions = {
+        kind: predictor.predict([{"data": {"image": str(f)}} for f in files], schema, loaded)
+        for kind, schema in schemas.items()
+    }
+    data_dir = WORK / "label-studio-editor"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    out: dict[str, Any] = {"image": f"{W}x{H}", "heatmaps_per_task": 4, "rounds": rounds}
+    times: dict[str, list[float | None]] = {"bitmask": [], "brush": []}
+    viewport = {"width": 1600, "height": 1300}
+    with LabelStudioServer(data_dir, local_files_root=WORK) as ls, LabelStudioAPI(ls.url, ls.token, 600.0) as api:
+        out["label_studio_startup_s"] = round(ls.startup_seconds or 0.0, 1)
+        tasks: dict[str, list[tuple[int, int]]] = {}
+        for kind, config in (("bitmask", BITMASK_CONFIG), ("brush", CHEST_CONFIG)):
+            project = api.create_project(f"editor {kind}", config)
+            api.ensure_local_storage(project["id"], folder)
+            body = [
+                {
+                    "data": {"image": f"/data/local-files/?d=editor-films/{f.name}"},
+                    "predictions": [predictions[kind][i]],
+                }
+                for i, f in enumerate(files)
+            ]
+            api.import_tasks(project["id"], orjson.loads(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)))
+            tasks[kind] = [(project["id"], t["id"]) for t in api.tasks(project["id"])]
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+            ctx = browser.new_context(viewport=viewport)
+            login(ctx.new_page(), ls.url, ls.username, ls.password)
+            state = ctx.storage_state()
+            ctx.close()
+            for r in range(rounds):
+                order = ("bitmask", "brush") if r % 2 == 0 else ("brush", "bitmask")
+                for kind in order:
+                    pid, tid = tasks[kind][r % len(tasks[kind])]
+                    ctx = browser.new_context(viewport=viewport, storage_state=state)
+                    ctx.add_init_script(_SAMPLER)
+                    page = ctx.new_page()
+                    page.goto(f"{ls.url}/projects/{pid}/data?task={tid}", wait_until="commit", timeout=60_000)
+                    samples: list[list[float]] = []
+                    painted = None
+                    t0 = time.monotonic()
+                    while time.monotonic() - t0 < EDITOR_TIMEOUT_S + 10:
+                        time.sleep(1.0)
+                        samples += page.evaluate(f"(window.__samples || []).slice({len(samples)})")
+                        painted = _painted_ms(samples)
+                        if painted is not None or (samples and samples[-1][0] > 1e3 * EDITOR_TIMEOUT_S):
+                            break
+                    if painted is not None and painted > 1e3 * EDITOR_TIMEOUT_S:
+                        painted = None
+                    seconds = None if painted is None else round(painted / 1e3, 2)
+                    times[kind].append(seconds)
+                    last = samples[-1] if samples else None
+                    print(kind, "round", r, "task", tid, "painted_s", seconds, "last sample", last, flush=True)
+                    ctx.close()
+            browser.close()
+    for kind in times:
+        done = [t for t in times[kind] if t is not None]
+        out[kind] = {
+            "painted_s": [t if t is not None else f">{EDITOR_TIMEOUT_S:.0f}" for t in times[kind]],
+            "timeouts": len(times[kind]) - len(done),
+            "median_s": round(statistics.median(done), 2) if len(done) == len(times[kind]) else None,
+            "min_s": min(done) if done else None,
+            "max_s": max(done) if len(done) == len(times[kind]) else f">{EDITOR_TIMEOUT_S:.0f}",
+        }
+    if all(t is not None for k in times for t in times[k]):
+        out["time_bitmask_vs_brush"] = paired_ratio(times["bitmask"], times["brush"])  # type: ignore[arg-type]
+    return out
+
+
 # --------------------------------------------------------------------------------------------- report
 
 
@@ -470,6 +599,43 @@ def markdown(res: dict[str, Any]) -> list[str]:
             f"RLE / PNG database growth: {s['db_growth_brush_vs_bitmask']}x.",
             "",
         ]
+    if "editor" in res and "skipped" not in res["editor"]:
+        e = res["editor"]
+        lines += [
+            f"## Opening a task in the Label Studio 1.23.2 editor until its {e['heatmaps_per_task']} heatmaps "
+            f"are painted ({e['image']})",
+            "",
+            f"Produced by `{e.get('command', 'see the header')}`; machine load average at the start "
+            f"{e.get('load_average', '?')}.",
+            "",
+            "Headless Debian chromium via playwright, a new browser context (cold cache) per open, a different "
+            "imported task per open, PNG and RLE interleaved over the rounds. Painted = the first sample (the "
+            "page's `performance.now()` from navigation start, sampled by an init script) where the region list "
+            "shows >= 4 `.lsf-outliner-item` and the Konva overlay's alpha>0 pixel count (all "
+            "`.konvajs-content canvas` drawn into 128x160) is >= 95% of its count 3 s later. The page blocks "
+            f"timers for long stretches, so a sample is an upper bound. Timeout {EDITOR_TIMEOUT_S:.0f} s.",
+            "",
+            md_table(
+                ["config", "painted s per open", "median s", "min s", "max s"],
+                [
+                    [
+                        name,
+                        ", ".join(str(t) for t in e[kind]["painted_s"]),
+                        e[kind]["median_s"] if e[kind]["median_s"] is not None else "n/a (timeouts)",
+                        e[kind]["min_s"] if e[kind]["min_s"] is not None else "n/a",
+                        e[kind]["max_s"],
+                    ]
+                    for name, kind in (("BitmaskLabels (PNG)", "bitmask"), ("BrushLabels (RLE)", "brush"))
+                ],
+            ),
+            "",
+        ]
+        if "time_bitmask_vs_brush" in e:
+            lines += [
+                f"PNG / RLE time to painted: {e['time_bitmask_vs_brush']['median_of_ratios']}x "
+                "(median of per-round ratios).",
+                "",
+            ]
     return lines
 
 
@@ -481,6 +647,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--ls-tasks", type=int, default=100, help="tasks imported per project in the 'ls' part")
     parser.add_argument("--ls-chunk", type=int, default=5, help="tasks per import request")
+    parser.add_argument("--editor-rounds", type=int, default=3, help="interleaved PNG/RLE opens in 'editor'")
     args = parser.parse_args()
     apply_threads(args.threads)
     if not HIRES.is_dir():
@@ -493,10 +660,14 @@ def main() -> None:
         res["predict"] = part_predict(args.reps, args.tasks)
     if "ls" in parts:
         res["ls"] = part_ls(args.ls_tasks, args.ls_chunk)
+    if "editor" in parts:
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        res["editor"] = part_editor(args.editor_rounds)
+        res["editor"]["load_average"] = load
     for key in res:
         res[key]["command"] = command_line()
     previous = RESULTS_JSON.exists() and orjson.loads(RESULTS_JSON.read_bytes())
-    for key in ("codec", "predict", "ls"):  # keep the parts this run did not redo
+    for key in ("codec", "predict", "ls", "editor"):  # keep the parts this run did not redo
         if key not in res and previous and key in previous:
             res[key] = previous[key]
             res.setdefault("kept_from_previous_runs", []).append(key)
