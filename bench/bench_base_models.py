@@ -106,7 +106,9 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def train_fold(data: dict, train_idx: np.ndarray, args: argparse.Namespace, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    kwargs = {"output_stride": args.output_stride, "drop_rate": args.drop_rate}
+    # bench_cooccurrence.py trains through here with its own arguments, which predate these knobs
+    kwargs = {"output_stride": getattr(args, "output_stride", 16), "drop_rate": getattr(args, "drop_rate", 0.0)}
+    smoothing = getattr(args, "label_smoothing", 0.0)
     model = build_classifier(args.backbone, len(FINDINGS), **kwargs)
     mean, std = normalisation(model)
     x = to_input_tensor(list(data["images"][train_idx]), args.size, mean, std)
@@ -123,7 +125,7 @@ def train_fold(data: dict, train_idx: np.ndarray, args: argparse.Namespace, seed
             if len(index) < 2:
                 continue
             xb = augment(x[index], generator) if args.augment else x[index]
-            target = y[index] * (1 - args.label_smoothing) + 0.5 * args.label_smoothing
+            target = y[index] * (1 - smoothing) + 0.5 * smoothing
             loss = F.binary_cross_entropy_with_logits(model(xb), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
