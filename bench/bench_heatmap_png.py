@@ -397,14 +397,14 @@ def part_editor(rounds: int) -> dict[str, Any]:
     BrushLabels RLE vs BitmaskLabels PNG, headless chromium, a new browser context (cold cache) per open."""
     sys.path.insert(0, str(ROOT / "tests"))
     from e2e.label_studio import LabelStudioServer, label_studio_bin
-    from e2e.screenshot import CHROMIUM_ARGS, login
+    from e2e.screenshot import CHROMIUM_ARGS, find_chromium, login
     from playwright.sync_api import sync_playwright
 
     from ml_backend.demo.setup import LabelStudioAPI
 
-    chromium = Path("/usr/bin/chromium")
-    if not label_studio_bin().exists() or not chromium.exists():
-        return {"skipped": f"needs {label_studio_bin()} and {chromium}"}
+    chromium = find_chromium()  # MEDEBIASER_CHROMIUM or chromium on PATH, as the e2e screenshot
+    if not label_studio_bin().exists() or chromium is None:
+        return {"skipped": f"needs {label_studio_bin()} and chromium (or MEDEBIASER_CHROMIUM)"}
     files = upscaled_xrays(rounds)
     folder = WORK / "editor-films"  # local storage must be a subfolder of LOCAL_FILES_DOCUMENT_ROOT
     folder.mkdir(exist_ok=True)
@@ -440,7 +440,7 @@ def part_editor(rounds: int) -> dict[str, Any]:
             api.import_tasks(project["id"], orjson.loads(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)))
             tasks[kind] = [(project["id"], t["id"]) for t in api.tasks(project["id"])]
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             ctx = browser.new_context(viewport=viewport)
             login(ctx.new_page(), ls.url, ls.username, ls.password)
             state = ctx.storage_state()

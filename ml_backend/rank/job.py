@@ -196,16 +196,17 @@ def _rank(run: _Run) -> dict[str, Any]:
     loaded = run.registry.get(run.project, schema.findings)
     version = loaded.version
     checkpoint = RankCheckpoint(run.settings.model_dir, run.project, version)
+    suggester = _suggester(run, loaded)  # one per job: it records in _predict what _write offers
     try:
         candidates, labelled = _list_candidates(run, version)
-        outputs = _predict(run, loaded, schema, candidates, checkpoint)
+        outputs = _predict(run, loaded, schema, candidates, checkpoint, suggester)
         ranking = _rank_or_reuse(run, config, loaded, schema, candidates, labelled, outputs, checkpoint)
     except _NothingToRank as nothing:
         return _done(run, "skipped", version, reason=nothing.reason, **nothing.extra)
     found = _ranking_summary(run, ranking, len(candidates))
     if run.options.dry_run:
         return _done(run, "dry-run", version, started=started, **found)
-    written, updated = _write(run, loaded, schema, ranking, checkpoint, outputs)
+    written, updated = _write(run, loaded, schema, ranking, checkpoint, outputs, suggester)
     _clear_columns(run, labelled)
     switched, view_id = _switch(run, version, loaded.labels)
     if view_id is not None or switched:
@@ -267,6 +268,7 @@ def _predict(
     schema: ProjectSchema,
     candidates: Sequence[dict[str, Any]],
     checkpoint: RankCheckpoint,
+    suggester: Suggester,
 ) -> dict[int, TaskOutput]:
     """Step 3: model outputs for every candidate whose image loads; reuses the checkpoint, saves each batch."""
     t0 = time.perf_counter()
@@ -275,7 +277,6 @@ def _predict(
     missing = [t for t in candidates if int(t["id"]) not in outputs]
     run.progress(stage="predicting", done=len(outputs), total=len(candidates), reused=len(outputs))
     loader = TaskImageLoader(run.settings)
-    suggester = _suggester(run, loaded)
     batch_size = run.options.batch_size or run.settings.predict_batch_size
     chunk = max(batch_size, 32)  # images fetched concurrently per step
     try:
@@ -448,6 +449,7 @@ def _write(
     ranking: SavedRanking,
     checkpoint: RankCheckpoint,
     outputs: dict[int, TaskOutput],
+    suggester: Suggester,
 ) -> tuple[int, int]:
     """Step 6: the predictions, top of the queue first; resumes after the last chunk a previous run finished."""
     t0 = time.perf_counter()
@@ -458,7 +460,6 @@ def _write(
         first = len(items)
     run.progress(stage="writing predictions", written=first, total=len(items))
     pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="rank-write")  # heatmap encoding
-    suggester = _suggester(run, loaded)
     updated = 0
     written = first
     try:
