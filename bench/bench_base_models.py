@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+from timm.utils import ModelEmaV3
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,6 +35,7 @@ import common  # noqa: E402
 import simulation as sim  # noqa: E402
 
 from ml_backend.models.classifier import build_classifier, normalisation, to_input_tensor  # noqa: E402
+from ml_backend.train.losses import LossConfig, positive_weights, prediction_loss  # noqa: E402
 
 FINDINGS = (
     "Atelectasis",
@@ -108,11 +110,17 @@ def train_fold(data: dict, train_idx: np.ndarray, args: argparse.Namespace, seed
     torch.manual_seed(seed)
     # bench_cooccurrence.py trains through here with its own arguments, which predate these knobs
     kwargs = {"output_stride": getattr(args, "output_stride", 16), "drop_rate": getattr(args, "drop_rate", 0.0)}
-    smoothing = getattr(args, "label_smoothing", 0.0)
+    smoothing, ema_decay = getattr(args, "label_smoothing", 0.0), getattr(args, "ema", 0.0)
     model = build_classifier(args.backbone, len(FINDINGS), **kwargs)
+    # an exponential moving average of the weights (timm's, with warm-up) evaluates like a cheap ensemble of the
+    # last few epochs' models: the held-out AUROC of a small model trained from scratch moves a lot between epochs
+    ema = ModelEmaV3(model, decay=ema_decay, use_warmup=True) if ema_decay > 0 else None
     mean, std = normalisation(model)
     x = to_input_tensor(list(data["images"][train_idx]), args.size, mean, std)
     y = torch.from_numpy(data["labels"][train_idx])
+    # the product's prediction losses (train/losses.py): "wbce" is what its fine-tuning uses by default
+    loss_config = LossConfig(prediction=getattr(args, "loss", "bce"))
+    pos_weight = positive_weights(y, loss_config.max_pos_weight)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps = args.epochs * int(np.ceil(len(x) / args.batch_size))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.15)
@@ -126,12 +134,14 @@ def train_fold(data: dict, train_idx: np.ndarray, args: argparse.Namespace, seed
                 continue
             xb = augment(x[index], generator) if args.augment else x[index]
             target = y[index] * (1 - smoothing) + 0.5 * smoothing
-            loss = F.binary_cross_entropy_with_logits(model(xb), target)
+            loss = prediction_loss(model(xb), target, loss_config, pos_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-    return model.eval()
+            if ema is not None:
+                ema.update(model)
+    return (ema.module if ema is not None else model).eval()
 
 
 def auroc(y: np.ndarray, p: np.ndarray) -> float | None:
@@ -167,8 +177,9 @@ def report(data: dict, pooled: np.ndarray, have: np.ndarray) -> dict:
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """The recipe's options, shared with the scenarios that train on the same folds (bench_imbalance.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--run-folds", type=int, nargs="*", help="only these folds (default: all)")
     parser.add_argument("--size", type=int, default=64)
@@ -182,11 +193,75 @@ def main() -> int:
     parser.add_argument("--output-stride", type=int, default=16, choices=[8, 16, 32])
     parser.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the classifier head")
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="BCE targets y*(1-s) + s/2")
+    parser.add_argument("--loss", default="bce", choices=["bce", "wbce", "asl"], help="prediction loss")
+    parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off)")
+    parser.add_argument("--members", type=int, default=1, help="models per fold (seeds), probabilities averaged")
+    parser.add_argument(
+        "--run-members", type=int, nargs="*", help="only train these members and write no results (default: all)"
+    )
     parser.add_argument("--sets", nargs="+", default=["nih1000", "nih_hires"], choices=list(SOURCES))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--quick", action="store_true", help="pipeline smoke run: 2 folds, 1 epoch, nih1000")
     parser.add_argument("--name", default="base_models")
+    return parser
+
+
+def cache_dir(args: argparse.Namespace) -> Path:
+    key = f"{args.name}-{args.size}-{args.backbone}-{args.epochs}-{args.lr}-{args.augment}-{'+'.join(args.sets)}"
+    # knobs added later join the cache key only when they differ from the original recipe, so old caches resume
+    original = {"batch_size": 64, "weight_decay": 1e-4, "norm": "none", "output_stride": 16, "drop_rate": 0.0}
+    original.update(label_smoothing=0.0, ema=0.0, loss="bce")
+    key += "".join(f"-{k}={getattr(args, k)}" for k, v in original.items() if getattr(args, k) != v)
+    cache = (Path("/tmp") if args.quick else common.RESULTS) / ".base_models_cache" / key
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache.parent / ".gitignore").write_text("*\n")  # per-fold cache for --resume, not results
+    return cache
+
+
+def held_out_predictions(
+    args: argparse.Namespace, data: dict, folds: list[np.ndarray]
+) -> tuple[np.ndarray, dict[int, float]]:
+    """(members, images, findings) held-out probabilities (NaN where not computed) and seconds per fold.
+
+    Member m of fold f trains with seed f + 1000 m and caches to fold{f}.npz (m = 0, the single-model layout)
+    or fold{f}_m{m}.npz, so members can be trained by separate processes (one per core) and a run with fewer
+    members resumes into a larger ensemble.
+    """
+    cache = cache_dir(args)
+    run_members = getattr(args, "run_members", None)
+    per_member = np.full((args.members, *data["labels"].shape), np.nan, np.float32)
+    fold_seconds: dict[int, float] = {}
+    for fold in args.run_folds if args.run_folds is not None else range(args.folds):
+        for member in range(args.members):
+            path = cache / (f"fold{fold}.npz" if member == 0 else f"fold{fold}_m{member}.npz")
+            skipped = run_members is not None and member not in run_members
+            if path.exists() and (args.resume or skipped):
+                saved = np.load(path)
+                per_member[member][saved["idx"]] = saved["p"]
+                fold_seconds[fold] = fold_seconds.get(fold, 0.0) + float(saved["seconds"])
+                continue
+            if skipped:
+                continue
+            t0 = time.time()
+            test_idx = folds[fold]
+            model = train_fold(data, np.setdiff1d(np.arange(len(data["labels"])), test_idx), args, fold + 1000 * member)
+            p = sim.probabilities(model, sim.ModelSpec(input_size=args.size), data["images"][test_idx])
+            per_member[member][test_idx] = p
+            seconds = time.time() - t0
+            fold_seconds[fold] = fold_seconds.get(fold, 0.0) + seconds
+            np.savez(path, idx=test_idx, p=p, seconds=seconds)
+            partial = report(data, per_member[member], ~np.isnan(per_member[member][:, 0]))
+            print(
+                f"{cache.name} fold {fold} member {member}: {seconds:.0f}s; member so far macro {partial['macro']}, "
+                f"Cardiomegaly {partial['per_finding']['Cardiomegaly']}, Effusion {partial['per_finding']['Effusion']}",
+                flush=True,
+            )
+    return per_member, fold_seconds
+
+
+def main() -> int:
+    parser = build_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
     if args.quick:
         args.folds, args.epochs, args.sets = 2, 1, ["nih1000"]  # results are printed, not written
@@ -196,34 +271,14 @@ def main() -> int:
     data = load(args.size, args.sets, args.norm)
     print(f"loaded {len(data['labels'])} images of {len(np.unique(data['patients']))} patients", flush=True)
     folds = sim.patient_folds(data["patients"], args.folds, seed=0)
-    key = f"{args.name}-{args.size}-{args.backbone}-{args.epochs}-{args.lr}-{args.augment}-{'+'.join(args.sets)}"
-    # knobs added later join the cache key only when they differ from the original recipe, so old caches resume
-    original = {"batch_size": 64, "weight_decay": 1e-4, "norm": "none", "output_stride": 16, "drop_rate": 0.0}
-    original["label_smoothing"] = 0.0
-    key += "".join(f"-{k}={getattr(args, k)}" for k, v in original.items() if getattr(args, k) != v)
-    cache = (Path("/tmp") if args.quick else common.RESULTS) / ".base_models_cache" / key
-    cache.mkdir(parents=True, exist_ok=True)
-    (cache.parent / ".gitignore").write_text("*\n")  # per-fold cache for --resume, not results
-    pooled = np.full(data["labels"].shape, np.nan, np.float32)
-    fold_seconds = {}
-    for fold in args.run_folds if args.run_folds is not None else range(args.folds):
-        path = cache / f"fold{fold}.npz"
-        if args.resume and path.exists():
-            saved = np.load(path)
-            pooled[saved["idx"]], fold_seconds[fold] = saved["p"], float(saved["seconds"])
-            continue
-        t0 = time.time()
-        test_idx = folds[fold]
-        model = train_fold(data, np.setdiff1d(np.arange(len(pooled)), test_idx), args, seed=fold)
-        p = sim.probabilities(model, sim.ModelSpec(input_size=args.size), data["images"][test_idx])
-        pooled[test_idx], fold_seconds[fold] = p, time.time() - t0
-        np.savez(path, idx=test_idx, p=p, seconds=fold_seconds[fold])
-        partial = report(data, pooled, ~np.isnan(pooled[:, 0]))
-        print(
-            f"fold {fold}: {fold_seconds[fold]:.0f}s; so far macro {partial['macro']}, "
-            f"Cardiomegaly {partial['per_finding']['Cardiomegaly']}, Effusion {partial['per_finding']['Effusion']}",
-            flush=True,
-        )
+    per_member, fold_seconds = held_out_predictions(args, data, folds)
+    members = list(range(args.members))
+    member_done = ~np.isnan(per_member[:, :, 0])
+    member_macro = [
+        report(data, per_member[m], member_done[m])["macro"] if member_done[m].all() else None for m in members
+    ]
+    # the ensemble's prediction for an image exists once every member has predicted it
+    pooled = np.where(member_done.all(0)[:, None], per_member.mean(0), np.nan).astype(np.float32)
     have = ~np.isnan(pooled[:, 0])
     result = report(data, pooled, have)
     complete = bool(have.all())
@@ -248,7 +303,8 @@ def main() -> int:
         "fold_seconds": fold_seconds,
         "training_seconds_total": round(sum(fold_seconds.values()), 1),  # duration_s excludes folds resumed from cache
         "n_images": int(have.sum()),
-        "recipe": {k: v for k, v in vars(args).items() if k not in ("resume", "run_folds")},
+        "member_macro_auroc": member_macro,
+        "recipe": {k: v for k, v in vars(args).items() if k not in ("resume", "run_folds", "run_members")},
         **{k: v for k, v in result.items() if k != "per_finding"},
         "command": common.command_line(),
         "duration_s": round(time.time() - started, 1),
@@ -274,10 +330,13 @@ def main() -> int:
         + ("met" if data_out["meets_targets"] else f"NOT met: {shortfalls or 'incomplete'}"),
         "Per source (AUROC of findings with >= 10 positives in that source):",
         common.md_table(["source", "images", "AUROC"], by_source),
-        f"Seconds per fold (training + prediction, 2 shared CPU cores): {fold_seconds}; "
+        f"Members per fold: {args.members} (probabilities averaged); each member's own macro AUROC: {member_macro}.",
+        f"Seconds per fold (training + prediction of all members, 2 shared CPU cores): {fold_seconds}; "
         f"total {sum(fold_seconds.values()):.0f} s.",
     ]
-    if not args.quick and (not args.run_folds or complete):
+    # a run of some members (one process per core, or another loss's arm for bench_imbalance.py) writes no
+    # results: the run without --run-members assembles them
+    if not args.quick and args.run_members is None and (not args.run_folds or complete):
         sections = [section + "\n" for section in sections]
         common.write_results(args.name, "Clean base models: patient-level cross-validated AUROC", sections, data_out)
         if complete and args.name == "base_models":  # summary.json keeps its other fields

@@ -369,11 +369,14 @@ def md_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def env_lines(env: dict[str, Any]) -> list[str]:
+    # the caveat explains why a run pinned its torch threads; it only reads true for a one-thread run
     forced = [
         "- One torch thread per process (`--threads 1`): on this 2-core machine, shared with other CPU-heavy jobs "
         "(load average 5-8), 2-thread timings swung 3-5x between repetitions (OpenMP workers descheduled at "
         "barriers); run without `--threads` on a dedicated machine."
     ]
+    if env.get("torch_num_threads") != 1:
+        forced = [f"- Torch threads pinned to {env.get('torch_num_threads')} per process with `--threads`."]
     return [
         f"- Date (UTC): {env['date_utc']}",
         f"- CPU: {env['cpu_model']}, {env['cpus_usable']} usable cores (shared with other work: timings are noisy; "
@@ -385,13 +388,16 @@ def env_lines(env: dict[str, Any]) -> list[str]:
     ]
 
 
-def write_results(name: str, title: str, sections: list[str], data: dict[str, Any]) -> tuple[Path, Path]:
-    """bench/results/<name>.json (data + environment + command) and bench/results/<name>.md."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(
+    name: str, title: str, sections: list[str], data: dict[str, Any], folder: Path | None = None
+) -> tuple[Path, Path]:
+    """<folder>/<name>.json (data + environment + command) and <folder>/<name>.md; folder: bench/results."""
+    folder = folder or RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
     env = data.setdefault("environment", environment())
     command = data.setdefault("command", command_line())
-    json_path = RESULTS / f"{name}.json"
-    md_path = RESULTS / f"{name}.md"
+    json_path = folder / f"{name}.json"
+    md_path = folder / f"{name}.md"
     json_path.write_text(json.dumps(data, indent=1, default=str) + "\n")
     header = [f"# {title}", "", *env_lines(env), "", "Reproduce (from the project root):", ""]
     header += ["```", command, "```", ""]

@@ -68,3 +68,19 @@ def test_cooccurrence_quick_mode(tmp_path: Path) -> None:
     assert result["pair"] == {"finding": "Atelectasis", "partner": "Effusion"}
     assert set(result["intervals_95"]) == {"eod_reduction_pct", "f1_gain_points"}
     assert all(p >= 0.8 for p in result["train_p_partner_given_finding"])  # A nearly always comes with B
+
+
+def test_imbalance_quick_mode(tmp_path: Path) -> None:
+    """Both loss arms train on the same folds; every finding gets F1/recall intervals and a paired change."""
+    shared_or_skip(NIH)
+    run = _bench("bench_imbalance.py", "--threads", "2", "--out", str(tmp_path), timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / "imbalance.json").read_text())
+    assert set(result["arms"]) == {"bce", "wbce"} and result["rare_findings"]
+    wbce = result["arms"]["wbce"]
+    for name, entry in wbce["per_finding"].items():
+        lo, hi = entry["f1"]["interval_95"]
+        assert lo is not None and 0.0 <= lo <= hi <= 1.0 and 0.0 <= entry["f1"]["value"] <= 1.0, name
+        assert "excludes_zero" in entry["f1_change_points"], name
+    assert set(wbce["macro_f1_rare_change_points"]) >= {"value", "interval_95", "excludes_zero"}
+    assert "| wbce |" in (tmp_path / "imbalance.md").read_text()
