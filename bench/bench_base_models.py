@@ -203,7 +203,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--quick", action="store_true", help="pipeline smoke run: 2 folds, 1 epoch, nih1000")
-    parser.add_argument("--name", default="base_models")
+    parser.add_argument("--name", default="base_models", help="run name: the per-fold cache's and the results'")
+    parser.add_argument("--out-name", help="results file name in bench/results (default: --name)")
+    parser.add_argument("--summary", action="store_true", help="record the run as the clean model in summary.json")
     return parser
 
 
@@ -304,7 +306,7 @@ def main() -> int:
         "training_seconds_total": round(sum(fold_seconds.values()), 1),  # duration_s excludes folds resumed from cache
         "n_images": int(have.sum()),
         "member_macro_auroc": member_macro,
-        "recipe": {k: v for k, v in vars(args).items() if k not in ("resume", "run_folds", "run_members")},
+        "recipe": {k: v for k, v in vars(args).items() if k not in ("resume", "run_folds", "run_members", "summary")},
         **{k: v for k, v in result.items() if k != "per_finding"},
         "command": common.command_line(),
         "duration_s": round(time.time() - started, 1),
@@ -338,8 +340,9 @@ def main() -> int:
     # results: the run without --run-members assembles them
     if not args.quick and args.run_members is None and (not args.run_folds or complete):
         sections = [section + "\n" for section in sections]
-        common.write_results(args.name, "Clean base models: patient-level cross-validated AUROC", sections, data_out)
-        if complete and args.name == "base_models":  # summary.json keeps its other fields
+        title = "Clean base models: patient-level cross-validated AUROC"
+        common.write_results(args.out_name or args.name, title, sections, data_out)
+        if complete and (args.summary or args.name == "base_models"):  # summary.json keeps its other fields
             summary_path = common.RESULTS / "summary.json"
             summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
             summary["clean_model_auroc"] = data_out["clean_model_auroc"]
@@ -347,7 +350,7 @@ def main() -> int:
             summary["clean_model_command"] = data_out["command"]
             summary_path.write_text(json.dumps(summary, indent=2))
     if not complete:
-        print("incomplete: not every fold has run", file=sys.stderr)
+        print("incomplete: not every fold and member has run", file=sys.stderr)
         return 2
     if shortfalls:
         print(f"FAIL: the clean model falls short of issue 16's targets: {'; '.join(shortfalls)}", file=sys.stderr)

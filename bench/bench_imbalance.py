@@ -80,7 +80,6 @@ def main() -> int:
     parser = base.build_parser(__doc__.splitlines()[0])
     parser.add_argument("--losses", nargs="+", default=["bce", "wbce"], choices=["bce", "wbce", "asl"])
     parser.add_argument("--n-boot", type=int, default=500)
-    parser.add_argument("--out-name", default="imbalance", help="results file name")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results; quick: none)")
     args = parser.parse_args()
     if args.quick:
@@ -143,7 +142,8 @@ def main() -> int:
         if value is None:
             return "n/a"
         ci = "" if lo is None else f" [{scale * lo:.1f}, {scale * hi:.1f}]"
-        return f"{scale * value:.1f}{ci}" + (" (gain)" if entry.get("excludes_zero") and lo > 0 else "")
+        verdict = "" if not entry.get("excludes_zero") else (" (gain)" if lo > 0 else " (worse)")
+        return f"{scale * value:.1f}{ci}{verdict}"
 
     headers = ["finding", "positives", "prevalence"]
     for loss in args.losses:
@@ -179,7 +179,7 @@ def main() -> int:
         "n_images": len(labels),
         "folds": args.folds,
         "thresholds": "per fold, F1-optimal on the other folds' held-out predictions (cross-fitted)",
-        "recipe": {k: v for k, v in vars(args).items() if k not in ("resume", "run_folds", "run_members")},
+        "recipe": {k: v for k, v in vars(args).items() if k not in ("resume", "run_folds", "run_members", "summary")},
         "command": common.command_line(),
         "duration_s": round(time.time() - started, 1),
         "environment": common.environment(),
@@ -196,7 +196,7 @@ def main() -> int:
     ]
     if args.out or not args.quick:
         title = "Imbalance scenario: F1 and recall of the rare findings"
-        common.write_results(args.out_name, title, sections, data_out, folder=args.out)
+        common.write_results(args.out_name or "imbalance", title, sections, data_out, folder=args.out)
     print("\n".join(sections), flush=True)
     return 0
 
