@@ -231,7 +231,7 @@ def held_out_predictions(
     members resumes into a larger ensemble.
     """
     cache = cache_dir(args)
-    run_members = getattr(args, "run_members", None)
+    run_members = args.run_members
     per_member = np.full((args.members, *data["labels"].shape), np.nan, np.float32)
     fold_seconds: dict[int, float] = {}
     for fold in args.run_folds if args.run_folds is not None else range(args.folds):

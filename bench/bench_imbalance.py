@@ -21,11 +21,10 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import f1_score, recall_score, roc_auc_score
+from sklearn.metrics import roc_auc_score
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,7 +33,7 @@ import bench_base_models as base  # noqa: E402
 import common  # noqa: E402
 import simulation as sim  # noqa: E402
 
-from ml_backend.measure.metrics import bootstrap_ci, choose_thresholds  # noqa: E402
+from ml_backend.measure.metrics import bootstrap_ci_vector, choose_thresholds  # noqa: E402
 
 RARE_PREVALENCE = 0.05
 
@@ -49,31 +48,29 @@ def cross_fitted_decisions(labels: np.ndarray, probs: np.ndarray, folds: list[np
     return decisions
 
 
-def _f1(y: np.ndarray, d: np.ndarray) -> float:
-    return float(f1_score(y, d, zero_division=0))
+def scores(y: np.ndarray, d: np.ndarray, present: list[int], rare: list[int]) -> np.ndarray:
+    """F1 of every finding, recall of every finding, macro-F1 over ``present`` and over ``rare``: from counts
+    (sklearn's values with zero_division=0), so one bootstrap resample scores everything at once."""
+    tp, positives, predicted = (y & d).sum(0), y.sum(0), d.sum(0)
+    f1 = np.divide(2 * tp, positives + predicted, out=np.zeros(len(tp)), where=positives + predicted > 0)
+    recall = np.divide(tp, positives, out=np.zeros(len(tp)), where=positives > 0)
+    macro_rare = f1[rare].mean() if rare else np.nan
+    return np.concatenate([f1, recall, [f1[present].mean(), macro_rare]])
 
 
-def _recall(y: np.ndarray, d: np.ndarray) -> float:
-    return float(recall_score(y, d, zero_division=0))
-
-
-def _macro_f1(columns: list[int]) -> Callable[[np.ndarray, np.ndarray], float]:
-    return lambda y, d: float(np.mean([_f1(y[:, k], d[:, k]) for k in columns]))
-
-
-def _interval(fn: Callable[..., float], *arrays: np.ndarray, patients: np.ndarray, n_boot: int) -> dict:
-    point, lo, hi = bootstrap_ci(fn, *arrays, cluster_ids=patients, n_boot=n_boot, seed=0)
-    return {"value": point, "interval_95": [lo, hi]}
-
-
-def _paired(
-    fn: Callable[[np.ndarray, np.ndarray], float], y: np.ndarray, d: np.ndarray, d_ref: np.ndarray, **kw: object
-) -> dict:
-    """fn(arm) - fn(BCE) on the same resampled patients, in points (x100); a gain needs its interval above 0."""
-    out = _interval(lambda yy, a, b: 100 * (fn(yy, a) - fn(yy, b)), y, d, d_ref, **kw)  # type: ignore[arg-type]
-    lo, hi = out["interval_95"]
-    out["excludes_zero"] = lo is not None and hi is not None and (lo > 0 or hi < 0)
+def _entries(point: np.ndarray, lo: np.ndarray, hi: np.ndarray, paired: bool) -> list[dict]:
+    """One {"value", "interval_95"} per component; a paired change also says whether its interval excludes 0."""
+    out = []
+    for v, a, b in zip(point, lo, hi, strict=True):
+        entry: dict = {"value": _num(v), "interval_95": [_num(a), _num(b)]}
+        if paired:
+            entry["excludes_zero"] = bool(np.isfinite(a) and np.isfinite(b) and (a > 0 or b < 0))
+        out.append(entry)
     return out
+
+
+def _num(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
 
 
 def main() -> int:
@@ -109,32 +106,43 @@ def main() -> int:
         probs[loss], seconds[loss] = per_member.mean(0), round(sum(fold_seconds.values()), 1)
     decisions = {loss: cross_fitted_decisions(labels, p, folds) for loss, p in probs.items()}
 
-    boot = {"patients": patients, "n_boot": args.n_boot}
+    boot = {"cluster_ids": patients, "n_boot": args.n_boot, "seed": 0}
+    n = len(findings)
+
+    def score(y: np.ndarray, d: np.ndarray) -> np.ndarray:
+        return scores(y, d, present, rare)
+
+    def change(y: np.ndarray, d: np.ndarray, d_ref: np.ndarray) -> np.ndarray:
+        return 100 * (score(y, d) - score(y, d_ref))  # in points, on the same resampled patients
+
     arms: dict[str, dict] = {}
     for loss in args.losses:
-        d, d_ref = decisions[loss], decisions["bce"]
+        d = decisions[loss]
+        own = _entries(*bootstrap_ci_vector(score, labels, d, **boot), paired=False)
+        paired = (
+            _entries(*bootstrap_ci_vector(change, labels, d, decisions["bce"], **boot), paired=True)
+            if loss != "bce"
+            else None
+        )
         per_finding = {}
         for k in present:
-            y = labels[:, k]
             entry = {
-                "f1": _interval(_f1, y, d[:, k], **boot),
-                "recall": _interval(_recall, y, d[:, k], **boot),
-                "auroc": float(roc_auc_score(y, probs[loss][:, k])),
+                "f1": own[k],
+                "recall": own[n + k],
+                "auroc": float(roc_auc_score(labels[:, k], probs[loss][:, k])),
                 "predicted_positive_rate": float(d[:, k].mean()),
             }
-            if loss != "bce":
-                entry["f1_change_points"] = _paired(_f1, y, d[:, k], d_ref[:, k], **boot)
-                entry["recall_change_points"] = _paired(_recall, y, d[:, k], d_ref[:, k], **boot)
+            if paired:
+                entry["f1_change_points"], entry["recall_change_points"] = paired[k], paired[n + k]
             per_finding[findings[k]] = entry
         arm = {
             "per_finding": per_finding,
-            "macro_f1": _interval(_macro_f1(present), labels, d, **boot),
-            "macro_f1_rare": _interval(_macro_f1(rare), labels, d, **boot),
+            "macro_f1": own[2 * n],
+            "macro_f1_rare": own[2 * n + 1],
             "training_seconds": seconds[loss],
         }
-        if loss != "bce":
-            arm["macro_f1_change_points"] = _paired(_macro_f1(present), labels, d, d_ref, **boot)
-            arm["macro_f1_rare_change_points"] = _paired(_macro_f1(rare), labels, d, d_ref, **boot)
+        if paired:
+            arm["macro_f1_change_points"], arm["macro_f1_rare_change_points"] = paired[2 * n], paired[2 * n + 1]
         arms[loss] = arm
 
     def cell(entry: dict, scale: float = 1.0) -> str:

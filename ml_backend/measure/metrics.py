@@ -53,6 +53,7 @@ __all__ = [
     "attention_alignment",
     "binarize",
     "bootstrap_ci",
+    "bootstrap_ci_vector",
     "choose_thresholds",
     "cooccurrence_eod",
     "cooccurrence_groups",
@@ -505,6 +506,21 @@ def _percentile_ci(samples: np.ndarray, alpha: float, min_valid: int) -> tuple[n
     return lo, hi
 
 
+def bootstrap_ci_vector(
+    metric_fn: Callable[..., Any],
+    *arrays: ArrayLike,
+    cluster_ids: ArrayLike | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(point, lo, hi)`` arrays for a vector-valued metric: every component from the same resamples, so a
+    benchmark bootstraps all findings' scores in one pass (NaN where a component has too few valid resamples)."""
+    point, samples = _bootstrap_samples(metric_fn, arrays, cluster_ids, n_boot, seed)
+    lo, hi = _percentile_ci(samples, alpha, min(10, n_boot))
+    return point, lo, hi
+
+
 def bootstrap_ci(
     metric_fn: Callable[..., float | None],
     *arrays: ArrayLike,
@@ -519,10 +535,11 @@ def bootstrap_ci(
     resampled. Resamples where the metric is undefined (None/NaN, or a ValueError such as a one-class AUROC)
     are skipped; with fewer than ``min(10, n_boot)`` valid ones the interval is ``(None, None)``.
     """
-    point, samples = _bootstrap_samples(metric_fn, arrays, cluster_ids, n_boot, seed)
+    point, lo, hi = bootstrap_ci_vector(
+        metric_fn, *arrays, cluster_ids=cluster_ids, n_boot=n_boot, seed=seed, alpha=alpha
+    )
     if point.size != 1:
         raise ValueError("metric_fn must return a scalar")
-    lo, hi = _percentile_ci(samples, alpha, min(10, n_boot))
     return _num(point[0]), _num(lo[0]), _num(hi[0])
 
 
