@@ -69,6 +69,18 @@ def test_the_saved_detector_suggests_the_tag_on_unlabelled_images(suggesting: di
     assert false <= 0.12
 
 
+@pytest.mark.shared_data
+def test_a_detector_fitted_on_other_features_suggests_nothing(suggesting: dict) -> None:
+    """A version saved before the hypercolumns gained the stride-2 stem (or another backbone's detector): its
+    coefficients do not match the features, so it suggests nothing instead of crashing or guessing."""
+    detector = suggesting["report"].detector
+    shorter = ArtefactDetector(
+        detector.mean[:-8], detector.scale[:-8], detector.coef[:-8], detector.intercept, detector.threshold
+    )
+    images = suggesting["tensors"].images[:5]
+    assert find_suggestions(suggesting["model"], images, shorter) == [[] for _ in range(5)]
+
+
 @pytest.mark.parametrize("config", [BRUSH, BITMASK, RECTANGLE], ids=["brush", "bitmask", "rectangle"])
 def test_a_suggestion_is_a_marked_ignore_region_that_comes_back_as_an_ignore_mask(config: str) -> None:
     cells = np.zeros((16, 16), dtype=bool)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,8 @@ from ml_backend.inference.results import HeatmapControl, heatmap_region
 from ml_backend.io.label_config import ProjectSchema
 from ml_backend.models.classifier import to_input_tensor
 from ml_backend.train.mask_propagation import ArtefactDetector, PropagationConfig, _artefact_cells, hypercolumns
+
+log = logging.getLogger(__name__)
 
 PREFIX = SUGGESTED_PREFIX
 DETECTOR_FILE = "artefact_detector.npz"
@@ -81,6 +84,15 @@ def find_suggestions(
     config = config or PropagationConfig()
     feats = hypercolumns(model, images, config.batch_size)
     n, c, h, w = feats.shape
+    if detector.mean.shape[0] != c:
+        # A detector fitted on other hypercolumns (a version saved before the stride-2 stem joined them, or
+        # another backbone): its coefficients mean nothing here, so it suggests nothing rather than noise.
+        log.warning(
+            "artefact detector expects %d feature channels, the model gives %d: no suggestions",
+            detector.mean.shape[0],
+            c,
+        )
+        return [[] for _ in range(n)]
     prob = detector.probabilities(feats.permute(0, 2, 3, 1).reshape(-1, c).numpy().astype(np.float64))
     prob = prob.reshape(n, h, w)
     cells = _artefact_cells(prob, detector.threshold, config)
