@@ -343,12 +343,13 @@ def main() -> int:
         title = "Clean base models: patient-level cross-validated AUROC"
         common.write_results(args.out_name or args.name, title, sections, data_out)
         if complete and (args.summary or args.name == "base_models"):  # summary.json keeps its other fields
-            summary_path = common.RESULTS / "summary.json"
-            summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-            summary["clean_model_auroc"] = data_out["clean_model_auroc"]
-            summary["clean_model_meets_targets"] = data_out["meets_targets"]
-            summary["clean_model_command"] = data_out["command"]
-            summary_path.write_text(json.dumps(summary, indent=2))
+            common.update_summary(
+                {
+                    "clean_model_auroc": data_out["clean_model_auroc"],
+                    "clean_model_meets_targets": data_out["meets_targets"],
+                    "clean_model_command": data_out["command"],
+                }
+            )
     if not complete:
         print("incomplete: not every fold and member has run", file=sys.stderr)
         return 2

@@ -257,12 +257,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     if out == common.RESULTS:
         common.write_results("cooccurrence", "Co-occurrence scenario", sections, result)
-        summary_path = common.RESULTS / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-        summary["cooccurrence"] = {
-            k: result[k] for k in ("pair", "eod_reduction_pct", "f1_gain_points", "intervals_95", "command")
-        }
-        summary_path.write_text(json.dumps(summary, indent=2))
+        keys = ("pair", "eod_reduction_pct", "f1_gain_points", "intervals_95", "command")
+        common.update_summary({"cooccurrence": {k: result[k] for k in keys}})
     else:
         (out / "cooccurrence.json").write_text(json.dumps(result, indent=1, default=str))
     return 0

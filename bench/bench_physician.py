@@ -37,6 +37,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
 import simulation as sim  # noqa: E402
 
 from ml_backend.explain.cam import HeatmapExplainer, normalise_maps  # noqa: E402
@@ -62,6 +63,8 @@ class Arm:
     initial: str  # "bce" or "wbce" initial model
     loss: LossConfig
     order: str  # ranking strategy
+    # RankConfig.signal_weights overrides (name, weight) for the bias strategy, e.g. (("heatmap", 0.0),)
+    signal_weights: tuple[tuple[str, float], ...] = ()
 
 
 NO_ATTENTION = dict(ignore_weight=0.0, evidence_weight=0.0, counterfactuals=False)
@@ -75,18 +78,26 @@ ARMS = [
 ]
 
 
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_label(device: str) -> str:
+    return f"GPU: {torch.cuda.get_device_name(torch.device(device))}" if device.startswith("cuda") else "CPU"
+
+
 def cams_and_probs(model: torch.nn.Module, spec: sim.ModelSpec, images: np.ndarray):
     mean, std = normalisation(model)
-    x = to_input_tensor(list(images), spec.input_size, mean, std)
+    x = to_input_tensor(list(images), spec.input_size, mean, std).to(next(model.parameters()).device)
     explainer = HeatmapExplainer(model.eval())
     probs, cams, feats = [], [], []
     with torch.no_grad():
         for start in range(0, len(x), 128):
             f = explainer.features(x[start : start + 128])
             logits, maps = explainer.logits_and_cams_from_features(f)
-            probs.append(torch.sigmoid(logits))
-            cams.append(normalise_maps(maps))
-            feats.append(f.mean(dim=(2, 3)))
+            probs.append(torch.sigmoid(logits).cpu())
+            cams.append(normalise_maps(maps).cpu())
+            feats.append(f.mean(dim=(2, 3)).cpu())
     return torch.cat(probs).numpy(), torch.cat(cams).numpy(), torch.cat(feats).numpy(), x
 
 
@@ -135,7 +146,7 @@ def run_fold(
         return {"p": p_test, "dp": p_marked[:, k_short] - p_test[:, k_short], "thr": thresholds}
 
     def scratch(loss: LossConfig, images: np.ndarray, seed: int) -> torch.nn.Module:
-        model = sim.new_model(spec, len(data.findings), seed)
+        model = sim.new_model(spec, len(data.findings), seed).to(args.device)
         tensors = sim.make_tensors(model, spec, images, train.labels)
         sim.train(model, tensors, replace(spec.scratch, loss=loss, epochs=args.scratch_epochs), seed)
         return model.eval()
@@ -181,7 +192,11 @@ def run_fold(
                     inputs.ignore_prior = torch.stack(resized).mean(0).numpy()
             if arm.order in ("bald", "bias"):  # the bias strategy's epistemic signal uses the same samples
                 inputs.mc_probabilities = mc_dropout_probabilities(model, x, passes=8, seed=fold)
-            ranked = rank_candidates(inputs, RankConfig(strategy=arm.order, seed=fold * 100 + budget), top_k=need)
+            ranked = rank_candidates(
+                inputs,
+                RankConfig(strategy=arm.order, signal_weights=dict(arm.signal_weights), seed=fold * 100 + budget),
+                top_k=need,
+            )
             chosen = [int(candidates[item.index]) for item in ranked]
             for slot, i in enumerate(chosen):
                 seconds += COST_REVIEW_S
@@ -238,6 +253,17 @@ def auroc(y: np.ndarray, p: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
     return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def effort_to_reach(start: float, efforts: list, delta_p: list, level: float) -> float | None:
+    """Annotations (or seconds) at which a ΔP curve first reaches ``level``: the curve starts at (0, ``start``)
+    and is interpolated linearly between measured budgets; None when it never gets there."""
+    xs, ys = [0.0, *efforts], [start, *delta_p]
+    for i in range(1, len(xs)):
+        if ys[i] <= level:
+            frac = (ys[i - 1] - level) / (ys[i - 1] - ys[i]) if ys[i - 1] != ys[i] else 1.0
+            return float(xs[i - 1] + frac * (xs[i] - xs[i - 1]))
+    return None
 
 
 def summarise(folds: list[dict], data: sim.LabelledImages, args: argparse.Namespace, command: str) -> dict:
@@ -344,14 +370,8 @@ def summarise(folds: list[dict], data: sim.LabelledImages, args: argparse.Namesp
     target = start - 0.9 * (start - curves["full"]["delta_p"][-1])
 
     def needed(arm: str, key: str, level: float = target) -> float | None:
-        xs = [0.0, *curves[arm][key]] if key == "seconds" else [0.0, *curves[arm]["budget"]]
-        ys = [start, *curves[arm]["delta_p"]]
-        for i in range(1, len(xs)):
-            if ys[i] <= level:
-                # linear interpolation between the last two measured budgets
-                frac = (ys[i - 1] - level) / (ys[i - 1] - ys[i]) if ys[i - 1] != ys[i] else 1.0
-                return xs[i - 1] + frac * (xs[i] - xs[i - 1])
-        return None
+        xs = curves[arm][key] if key == "seconds" else curves[arm]["budget"]
+        return effort_to_reach(start, xs, curves[arm]["delta_p"], level)
 
     reach = {
         arm.name: {"annotations": needed(arm.name, "budget"), "seconds": needed(arm.name, "seconds")} for arm in ARMS
@@ -407,6 +427,7 @@ def summarise(folds: list[dict], data: sim.LabelledImages, args: argparse.Namesp
             "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            "device": device_label(args.device),
         },
     }
 
@@ -418,7 +439,8 @@ def write_outputs(summary: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    # the other benchmarks' keys (clean model, co-occurrence, mixed artefacts) stay
+    common.update_summary(summary, out / "summary.json")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, curve in summary["curves"].items():
         axes[0].plot([0, *curve["budget"]], [None, *curve["delta_p"]], marker="o", label=name)
@@ -509,6 +531,7 @@ def main() -> None:
     parser.add_argument("--scratch-epochs", type=int, default=8)
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--backbone", default="resnet10t")
+    parser.add_argument("--device", default=default_device(), help="where models train (cuda when there is one)")
     parser.add_argument("--n-boot", type=int, default=200)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--resume", action="store_true", help="reuse folds saved by an earlier run")

@@ -407,3 +407,11 @@ def write_results(
 
 def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("**met**" if ok else "**NOT met**")
+
+
+def update_summary(fields: dict[str, Any], path: Path = RESULTS / "summary.json") -> None:
+    """Set ``fields`` in bench/results/summary.json and keep the rest: each benchmark owns its own keys."""
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary.update(fields)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2))

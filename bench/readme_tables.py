@@ -21,7 +21,7 @@ README = ROOT / "README.md"
 START = "<!-- tables from bench/readme_tables.py: edit the results, not this block -->"
 END = "<!-- end of the generated tables -->"
 # the clean-model runs, in the order the README shows them
-BASE_RUNS = ("base_models", "base_models_imgnorm", "base_models_wbce", "base_models_x3")
+BASE_RUNS = ("base_models", "base_models_imgnorm", "base_models_wbce", "base_models_ema", "base_models_x3")
 
 
 def _load(name: str) -> dict[str, Any] | None:

@@ -52,6 +52,27 @@ def test_physician_benchmark_quick_mode(tmp_path: Path) -> None:
     assert "| shortcut_dependence_reduction_pct |" in (tmp_path / "physician.md").read_text()
 
 
+def test_rank_ablation_quick_mode(tmp_path: Path) -> None:
+    """The ablation runs the loop with each named signal switched off and reports every arm per fold."""
+    shared_or_skip(NIH)
+    run = _bench("bench_rank_ablation.py", "--out", str(tmp_path), "--combos", "epistemic=3,heatmap=1", timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / "rank_ablation.json").read_text())
+    expected = ["attention_random", "attention_bald", "full", "full_without_heatmap", "full_without_epistemic"]
+    expected.append("full_epistemic3_heatmap1")  # a --combos weighting
+    assert result["arms"] == expected and result["folds"] == 1 and result["budgets"] == [10, 20]
+    assert result["commands"] == [
+        f"python bench/bench_rank_ablation.py --quick --out {tmp_path} --combos epistemic=3,heatmap=1"
+    ]
+    # where the full system reduced ΔP at all, it reaches 90% of its own reduction by its last budget at the latest
+    if result["final_delta_p"]["full"][0] <= result["start_delta_p"][0]:
+        assert result["pooled"]["full"] is not None and 0 <= result["pooled"]["full"] <= 20
+    for arm in expected:
+        assert len(result["per_fold"][arm]) == 1 and -1.0 <= result["final_delta_p"][arm][0] <= 1.0
+    table = (tmp_path / "rank_ablation.md").read_text()
+    assert all(f"| {arm} |" in table for arm in expected)
+
+
 def test_base_models_quick_mode_fails_loudly_when_short() -> None:
     """One epoch cannot reach issue 16's clean-model targets: the benchmark must say so and exit non-zero."""
     shared_or_skip(NIH)

@@ -97,6 +97,12 @@ def test_parse_skips_bad_items_keeps_the_rest_and_skips_cancelled() -> None:
     unknown_mask["annotation"]["result"][1]["value"]["brushlabels"] = ["Tumour"]
     record = parse_annotation("5", unknown_mask["annotation"], unknown_mask["task"], SCHEMA)
     assert record.skipped[0]["code"] == "unknown_label" and "neither a finding" in record.skipped[0]["reason"]
+    # a from_name that is not a string (found by the route fuzzer: a list raised TypeError, a 500) is skipped
+    odd_control = annotation_event(6, 6, masks={"Effusion": mask})
+    odd_control["annotation"]["result"][1]["from_name"] = []
+    record = parse_annotation("5", odd_control["annotation"], odd_control["task"], SCHEMA)
+    assert record.positives == ["Cardiomegaly"] and record.masks == {}
+    assert record.skipped[0]["code"] == "unknown_control"
     with pytest.raises(AnnotationError, match="integer 'id'"):
         parse_annotation("5", {"was_cancelled": True}, {"id": 1}, SCHEMA)
 

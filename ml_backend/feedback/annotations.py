@@ -383,7 +383,7 @@ def parse_annotation(
             skip(where, "malformed", "result item must be an object with a 'value'")
             continue
         kind, value, from_name = str(item.get("type", "")).lower(), item["value"], item.get("from_name")
-        if from_name not in known_controls:
+        if not isinstance(from_name, str) or from_name not in known_controls:  # a list or object is not a name
             if kind in _REGION_KINDS or kind == "choices":
                 skip(where, "unknown_control", f"control {str(from_name)[:60]!r} is not in the label config")
             continue

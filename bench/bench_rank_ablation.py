@@ -1,0 +1,248 @@
+"""Which of the bias-aware ranking's signals earn their place (issue 16, part 5).
+
+The simulated-physician loop of ``bench_physician.py`` (same folds, shortcut, physician and cost model), run for
+the full system with each ranking signal switched off in turn (its weight set to 0), next to random and BALD
+order with the same attention loss. The figure of merit is the one the issue names: annotations needed to reach
+90% of the full system's ΔP reduction (interpolated between budgets), per fold and pooled over folds.
+
+Run: ``.venv/bin/python bench/bench_rank_ablation.py --resume`` (folds are cached as they finish);
+``--quick`` for a smoke run (one fold, two signals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+import bench_physician as physician  # noqa: E402
+import common  # noqa: E402
+import simulation as sim  # noqa: E402
+
+from ml_backend.rank.strategy.config import SIGNALS  # noqa: E402
+from ml_backend.train.losses import LossConfig  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+ATTENTION = LossConfig(prediction="wbce")
+
+
+def parse_combo(text: str) -> tuple[tuple[str, float], ...]:
+    """``"epistemic=3,heatmap=1"`` -> signal weight overrides; raises ValueError on unknown signals."""
+    pairs = []
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name not in SIGNALS:
+            raise ValueError(f"unknown signal {name!r} in {text!r}; known: {', '.join(SIGNALS)}")
+        pairs.append((name, float(value)))
+    return tuple(pairs)
+
+
+def combo_name(weights: tuple[tuple[str, float], ...]) -> str:
+    return "full_" + "_".join(f"{name}{value:g}" for name, value in weights)
+
+
+def ablation_arms(signals: tuple[str, ...], combos: tuple[str, ...] = ()) -> list[physician.Arm]:
+    weighted = [parse_combo(c) for c in combos]
+    return [
+        physician.Arm("attention_random", "wbce", ATTENTION, "random"),
+        physician.Arm("attention_bald", "wbce", ATTENTION, "bald"),
+        physician.Arm("full", "wbce", ATTENTION, "bias"),
+        *[physician.Arm(f"full_without_{s}", "wbce", ATTENTION, "bias", ((s, 0.0),)) for s in signals],
+        *[physician.Arm(combo_name(w), "wbce", ATTENTION, "bias", w) for w in weighted],
+    ]
+
+
+def shared_command(argv: list[str]) -> str:
+    """The command without --only-folds/--only-arms and their values: what every parallel process shares."""
+    kept, skipping = [], False
+    for token in argv:
+        if token in ("--only-folds", "--only-arms"):
+            skipping = True
+        elif not (skipping and not token.startswith("--")):
+            kept.append(token)
+            skipping = False
+    return " ".join(["python bench/bench_rank_ablation.py", *kept])
+
+
+def merge_parts(parts: list[dict]) -> dict:
+    """One fold from its per-arm files. Each process retrained the fold's seeded initial models; the spread of
+    their ΔP across processes (0 on CPU, GPU nondeterminism otherwise) is kept to show it is negligible."""
+    starts = [float(p["initial"]["wbce"]["dp"].mean()) for p in parts]
+    merged = {**parts[0], "arms": {}, "seconds": sum(float(p["seconds"]) for p in parts)}
+    merged["initial_spread"] = max(starts) - min(starts)
+    merged["machines"] = sorted({p.get("machine", "unrecorded") for p in parts})
+    merged["commands"] = sorted({p.get("command", "unrecorded") for p in parts})
+    for part in parts:
+        merged["arms"].update(part["arms"])
+    return merged
+
+
+def reach(folds: list[dict], arms: list[str], budgets: list[int]) -> dict:
+    """Annotations each arm needs to reach 90% of the full system's reduction: on the fold-mean curves (as
+    bench_physician reports it) and per fold (each fold against its own start and full-system reduction)."""
+
+    def curve(fold_list: list[dict], arm: str) -> list[float]:
+        return [float(np.mean([f["arms"][arm][r]["delta_p"] for f in fold_list])) for r in range(len(budgets))]
+
+    def one(fold_list: list[dict]) -> dict[str, float | None]:
+        start = float(np.mean([f["initial"]["wbce"]["dp"].mean() for f in fold_list]))
+        target = start - 0.9 * (start - curve(fold_list, "full")[-1])
+        return {arm: physician.effort_to_reach(start, budgets, curve(fold_list, arm), target) for arm in arms}
+
+    per_fold = [one([f]) for f in folds]
+    return {
+        "pooled": one(folds),
+        "per_fold": {arm: [p[arm] for p in per_fold] for arm in arms},
+        "final_delta_p": {arm: [round(float(f["arms"][arm][-1]["delta_p"]), 4) for f in folds] for arm in arms},
+        "start_delta_p": [round(float(f["initial"]["wbce"]["dp"].mean()), 4) for f in folds],
+    }
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    (out / "rank_ablation.json").write_text(json.dumps(result, indent=1))
+    budget_cap = result["budgets"][-1]
+
+    def show(n: float | None) -> str:
+        return f"{n:.0f}" if n is not None else f">{budget_cap}"
+
+    pooled, per_fold, final = result["pooled"], result["per_fold"], result["final_delta_p"]
+    random_n = pooled["attention_random"]
+    lines = [
+        "# Ranking ablation: which signals earn their place (`bench/bench_rank_ablation.py`)",
+        "",
+        "Commands (each run as parallel processes with `--only-folds F --only-arms ...`, then summarised with "
+        "`--no-compute`):",
+        "",
+        *[f"- `{c}`" for c in result["commands"]],
+        "",
+        f"Machine: {result['machine']}; {result['seconds']:.0f} s of compute over all processes. Folds: "
+        f"{result['folds']} of bench_physician's 5 patient folds; budgets {result['budgets']}; same shortcut, "
+        "simulated physician and cost model.",
+        "",
+        "Annotations to reach 90% of the full system's ΔP reduction (interpolated between budgets; "
+        f"`>{budget_cap}` = not reached within the budget). `pooled` = on the fold-mean ΔP curves; `vs random` = "
+        "fewer annotations than random order (a lower bound where random never got there). Every arm uses the "
+        "attention loss; `full_without_X` is the default bias-aware ranking with signal X's weight set to 0.",
+        "",
+        "| ordering | pooled | vs random | per fold | final ΔP per fold |",
+        "|---|---|---|---|---|",
+    ]
+    for arm in result["arms"]:
+        n = pooled[arm]
+        base = random_n if random_n is not None else float(budget_cap)
+        versus = f"{100 * (1 - n / base):.0f}%" + ("" if random_n is not None else " (≥)") if n is not None else ""
+        folds_text = ", ".join(show(v) for v in per_fold[arm])
+        lines.append(f"| {arm} | {show(n)} | {versus} | {folds_text} | {', '.join(f'{v:.3f}' for v in final[arm])} |")
+    lines += [
+        "",
+        f"ΔP of the initial (weighted-BCE, biased) model per fold: {result['start_delta_p']} (largest spread "
+        f"between the processes that retrained it: {result['initial_delta_p_spread']:.4f}).",
+        "",
+        "Reading: a signal helps where switching it off needs more annotations than `full`, and hurts where "
+        "fewer. With a few folds and three budgets the per-fold spread is the honest error bar.",
+    ]
+    (out / "rank_ablation.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--folds", type=int, default=5, help="patient folds the data is split into")
+    parser.add_argument("--run-folds", type=int, default=3, help="how many of them to run")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[30, 60, 120])
+    parser.add_argument("--scratch-epochs", type=int, default=6)
+    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--backbone", default="resnet10t")
+    parser.add_argument("--device", default=physician.default_device(), help="where models train")
+    parser.add_argument("--only-folds", type=int, nargs="+", help="compute only these folds (parallel runs)")
+    parser.add_argument("--only-arms", nargs="+", help="compute only these arms (parallel runs)")
+    parser.add_argument("--no-compute", action="store_true", help="summarise the cached folds, compute nothing")
+    parser.add_argument("--signals", nargs="+", choices=SIGNALS, default=list(SIGNALS))
+    parser.add_argument(
+        "--combos", nargs="*", default=[], help="other weightings of the bias strategy, e.g. epistemic=3,heatmap=1"
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="reuse folds saved by an earlier run")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.quick:  # the pipeline end to end (tests/test_bench_quick.py), not the numbers
+        args.run_folds, args.budgets, args.scratch_epochs, args.finetune_epochs = 1, [10, 20], 2, 1
+        args.signals = ["heatmap", "epistemic"]
+    if not physician.DATA.exists():
+        sys.exit(f"{physician.DATA} is absent: this benchmark needs ../shared/data/nih1000")
+    spec = sim.ModelSpec(backbone=args.backbone)
+    data = sim.load_manifest_folder(physician.DATA)
+    try:
+        arms = ablation_arms(tuple(args.signals), tuple(args.combos))
+    except ValueError as error:
+        parser.error(str(error))
+    command = shared_command(sys.argv[1:])
+    machine = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"{physician.device_label(args.device)} (torch {torch.__version__})"
+    )
+    if args.device.startswith("cuda"):  # arms run in separate processes start from the same initial models
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    # One cache file per (fold, arm): an interrupted run resumes, and groups of arms run in parallel processes
+    # (--only-folds / --only-arms), each retraining the fold's seeded initial models.
+    cache = args.out / ".cache_rank_ablation"
+    cache.mkdir(parents=True, exist_ok=True)
+    folds = []
+    for f in range(args.run_folds):
+        parts = {a.name: cache / f"fold{f}_{a.name}.pkl" for a in arms}
+        todo = [a for a in arms if not (args.resume and parts[a.name].exists())]
+        if args.no_compute or (args.only_folds is not None and f not in args.only_folds):
+            todo = []
+        if args.only_arms:
+            todo = [a for a in todo if a.name in args.only_arms]
+        if todo:
+            out = physician.run_fold(f, data, args, spec, todo)
+            for a in todo:
+                part = {k: v for k, v in out.items() if k != "arms"} | {"arms": {a.name: out["arms"][a.name]}}
+                part["seconds"] = out["seconds"] / len(todo)  # the arm's share of its process
+                part["machine"], part["command"] = machine, command
+                parts[a.name].write_bytes(pickle.dumps(part))
+        if all(path.exists() for path in parts.values()):
+            folds.append(merge_parts([pickle.loads(path.read_bytes()) for path in parts.values()]))
+    if len(folds) < args.run_folds:
+        print(f"{len(folds)} of {args.run_folds} folds complete so far; summarise once all are (--resume)")
+        return
+    names = [a.name for a in arms]
+    result = {
+        **reach(folds, names, args.budgets),
+        "arms": names,
+        "budgets": args.budgets,
+        "folds": len(folds),
+        "fold_seconds": [round(float(f["seconds"]), 1) for f in folds],
+        "seconds": sum(float(f["seconds"]) for f in folds),
+        "initial_delta_p_spread": max(f["initial_spread"] for f in folds),
+        # what computed the arms (parallel processes), not the call that summarised them
+        "commands": sorted({c for f in folds for c in f["commands"]}),
+        "machine": "; ".join(sorted({m for f in folds for m in f["machines"]})),
+    }
+    write_outputs(result, args.out)
+    if args.out == RESULTS:  # summary.json keeps the other benchmarks' keys
+        common.update_summary(
+            {
+                "rank_ablation": {
+                    "annotations_to_90pct_of_full_reduction": result["pooled"],
+                    "per_fold": result["per_fold"],
+                    "commands": result["commands"],
+                    "results": "bench/results/rank_ablation.md",
+                }
+            }
+        )
+    print(json.dumps({k: result[k] for k in ("pooled", "final_delta_p")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
