@@ -122,7 +122,8 @@ def run_fold(
     fold: int, data: sim.LabelledImages, args: argparse.Namespace, spec: sim.ModelSpec, arms: list[Arm] = ARMS
 ) -> dict:
     started = time.time()
-    folds = sim.patient_folds(data.patients, args.folds, seed=0)
+    # another split seed gives an independent replicate (other test folds, training sets and marker draws)
+    folds = sim.patient_folds(data.patients, args.folds, seed=getattr(args, "split_seed", 0))
     test_idx = folds[fold]
     rest = np.setdiff1d(np.arange(len(data)), test_idx)
     # a validation slice of the training patients (biased like training) chooses decision thresholds

@@ -108,8 +108,8 @@ def reach(folds: list[dict], arms: list[str], budgets: list[int]) -> dict:
     }
 
 
-def write_outputs(result: dict, out: Path) -> None:
-    (out / "rank_ablation.json").write_text(json.dumps(result, indent=1))
+def write_outputs(result: dict, out: Path, suffix: str = "") -> None:
+    (out / f"rank_ablation{suffix}.json").write_text(json.dumps(result, indent=1))
     budget_cap = result["budgets"][-1]
 
     def show(n: float | None) -> str:
@@ -126,7 +126,8 @@ def write_outputs(result: dict, out: Path) -> None:
         *[f"- `{c}`" for c in result["commands"]],
         "",
         f"Machine: {result['machine']}; {result['seconds']:.0f} s of compute over all processes. Folds: "
-        f"{result['folds']} of bench_physician's 5 patient folds; budgets {result['budgets']}; same shortcut, "
+        f"{result['folds']} of 5 patient folds (split seed {result['split_seed']}; 0 = bench_physician's); "
+        f"budgets {result['budgets']}; same shortcut, "
         "simulated physician and cost model.",
         "",
         "Annotations to reach 90% of the full system's ΔP reduction (interpolated between budgets; "
@@ -151,7 +152,7 @@ def write_outputs(result: dict, out: Path) -> None:
         "Reading: a signal helps where switching it off needs more annotations than `full`, and hurts where "
         "fewer. With a few folds and three budgets the per-fold spread is the honest error bar.",
     ]
-    (out / "rank_ablation.md").write_text("\n".join(lines) + "\n")
+    (out / f"rank_ablation{suffix}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -165,6 +166,7 @@ def main() -> None:
     parser.add_argument("--device", default=physician.default_device(), help="where models train")
     parser.add_argument("--only-folds", type=int, nargs="+", help="compute only these folds (parallel runs)")
     parser.add_argument("--only-arms", nargs="+", help="compute only these arms (parallel runs)")
+    parser.add_argument("--split-seed", type=int, default=0, help="patient split; another seed = a replicate")
     parser.add_argument("--no-compute", action="store_true", help="summarise the cached folds, compute nothing")
     parser.add_argument("--signals", nargs="+", choices=SIGNALS, default=list(SIGNALS))
     parser.add_argument(
@@ -194,7 +196,8 @@ def main() -> None:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     # One cache file per (fold, arm): an interrupted run resumes, and groups of arms run in parallel processes
     # (--only-folds / --only-arms), each retraining the fold's seeded initial models.
-    cache = args.out / ".cache_rank_ablation"
+    suffix = f"_split{args.split_seed}" if args.split_seed else ""
+    cache = args.out / f".cache_rank_ablation{suffix}"
     cache.mkdir(parents=True, exist_ok=True)
     folds = []
     for f in range(args.run_folds):
@@ -220,6 +223,7 @@ def main() -> None:
     result = {
         **reach(folds, names, args.budgets),
         "arms": names,
+        "split_seed": args.split_seed,
         "budgets": args.budgets,
         "folds": len(folds),
         "fold_seconds": [round(float(f["seconds"]), 1) for f in folds],
@@ -229,8 +233,8 @@ def main() -> None:
         "commands": sorted({c for f in folds for c in f["commands"]}),
         "machine": "; ".join(sorted({m for f in folds for m in f["machines"]})),
     }
-    write_outputs(result, args.out)
-    if args.out == RESULTS:  # summary.json keeps the other benchmarks' keys
+    write_outputs(result, args.out, suffix)
+    if args.out == RESULTS and not suffix:  # summary.json keeps the other benchmarks' keys
         common.update_summary(
             {
                 "rank_ablation": {
