@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--only-arms", nargs="+", help="compute only these arms (parallel runs)")
     parser.add_argument("--split-seed", type=int, default=0, help="patient split; another seed = a replicate")
     parser.add_argument("--no-compute", action="store_true", help="summarise the cached folds, compute nothing")
-    parser.add_argument("--signals", nargs="+", choices=SIGNALS, default=list(SIGNALS))
+    parser.add_argument("--signals", nargs="*", choices=SIGNALS, default=list(SIGNALS), help="drop-one arms")
     parser.add_argument(
         "--combos", nargs="*", default=[], help="other weightings of the bias strategy, e.g. epistemic=3,heatmap=1"
     )

@@ -23,8 +23,9 @@ def _default_signal_weights() -> dict[str, float]:
     # ablation (bench/results/rank_ablation.md, 5 patient folds) it is the one signal whose removal costs
     # annotations (53 instead of 29 to 90% of the reduction, worse in 4 of 5 folds); switching any other one off
     # moved it by one annotation at most, and 3.0 instead of 1.5 reached it in 28 (76% fewer than random order,
-    # BALD 29; chosen on those same folds, a difference within their noise). Heatmap risk stays next:
-    # attention on a marker or outside the body is the bias a physician's mask fixes, and it writes the reasons.
+    # BALD 29; chosen on those folds, and on a replicate split 28 vs 29, BALD 28: within the noise, not worse).
+    # Heatmap risk stays next: attention on a marker or outside the body is the bias a physician's mask fixes,
+    # and it writes the reasons.
     return {
         "uncertainty": 1.0,
         "epistemic": 3.0,
