@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import shlex
 import sys
 import time
@@ -121,7 +120,7 @@ def run_seed(seed: int, data: sim.LabelledImages, args: argparse.Namespace) -> d
                 "masks": len(chosen),
             }
     out["seconds"] = time.time() - started
-    out["device"] = device_name(args.device)
+    out["device"] = common.device_name(args.device)
     print(
         f"seed {seed}: biased ΔP {out['biased']['delta_p']:.3f} clean {out['clean']['delta_p']:.3f} | "
         + " | ".join(f"{k} {v['delta_p']:.3f}" for k, v in out["arms"].items()),
@@ -230,13 +229,6 @@ def earlier_runs(path: Path) -> list[dict]:
     return json.loads(path.read_text()).get("runs", []) if path.exists() else []
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return f"GPU: {torch.cuda.get_device_name(torch.device(device))} (torch {torch.__version__})"
-    cpu = platform.processor() or platform.machine()
-    return f"CPU: {cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -248,7 +240,7 @@ def main() -> None:
     parser.add_argument("--false-cells", type=float, nargs="*", default=[], help="extra detector threshold arms")
     parser.add_argument("--data", type=Path, default=DATA, help="the nih1000 folder")
     parser.add_argument("--resume", action="store_true", help="keep the seeds already in the results file")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=common.default_device())
     parser.add_argument("--name", default="mechanism", help="results file stem in bench/results")
     parser.add_argument(
         "--summary",

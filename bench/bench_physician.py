@@ -78,14 +78,6 @@ ARMS = [
 ]
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def device_label(device: str) -> str:
-    return f"GPU: {torch.cuda.get_device_name(torch.device(device))}" if device.startswith("cuda") else "CPU"
-
-
 def cams_and_probs(model: torch.nn.Module, spec: sim.ModelSpec, images: np.ndarray):
     mean, std = normalisation(model)
     x = to_input_tensor(list(images), spec.input_size, mean, std).to(next(model.parameters()).device)
@@ -428,7 +420,7 @@ def summarise(folds: list[dict], data: sim.LabelledImages, args: argparse.Namesp
             "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
-            "device": device_label(args.device),
+            "device": common.device_name(args.device),
         },
     }
 
@@ -532,7 +524,7 @@ def main() -> None:
     parser.add_argument("--scratch-epochs", type=int, default=8)
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--backbone", default="resnet10t")
-    parser.add_argument("--device", default=default_device(), help="where models train (cuda when there is one)")
+    parser.add_argument("--device", default=common.default_device(), help="where models train (cuda when there is one)")
     parser.add_argument("--n-boot", type=int, default=200)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--resume", action="store_true", help="reuse folds saved by an earlier run")

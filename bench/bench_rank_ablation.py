@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
-import platform
 import sys
 from pathlib import Path
 
@@ -163,7 +162,7 @@ def main() -> None:
     parser.add_argument("--scratch-epochs", type=int, default=6)
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--backbone", default="resnet10t")
-    parser.add_argument("--device", default=physician.default_device(), help="where models train")
+    parser.add_argument("--device", default=common.default_device(), help="where models train")
     parser.add_argument("--only-folds", type=int, nargs="+", help="compute only these folds (parallel runs)")
     parser.add_argument("--only-arms", nargs="+", help="compute only these arms (parallel runs)")
     parser.add_argument("--split-seed", type=int, default=0, help="patient split; another seed = a replicate")
@@ -188,10 +187,7 @@ def main() -> None:
     except ValueError as error:
         parser.error(str(error))
     command = shared_command(sys.argv[1:])
-    machine = (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"{physician.device_label(args.device)} (torch {torch.__version__})"
-    )
+    machine = common.device_name(args.device)
     if args.device.startswith("cuda"):  # arms run in separate processes start from the same initial models
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     # One cache file per (fold, arm): an interrupted run resumes, and groups of arms run in parallel processes

@@ -410,8 +410,28 @@ def verdict(ok: bool | None) -> str:
 
 
 def update_summary(fields: dict[str, Any], path: Path = RESULTS / "summary.json") -> None:
-    """Set ``fields`` in bench/results/summary.json and keep the rest: each benchmark owns its own keys."""
+    """Set ``fields`` in bench/results/summary.json and keep the rest: each benchmark owns its own keys. Written
+    through a temporary file and ``os.replace``: a benchmark killed mid-write leaves the old file whole."""
     summary = json.loads(path.read_text()) if path.exists() else {}
     summary.update(fields)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, path)
+
+
+def default_device() -> str:
+    """Where a benchmark's models train unless told: the GPU when there is one."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_name(device: str) -> str:
+    """What computed a result, for its results file: the GPU's name, or the CPU and torch's thread count."""
+    import torch
+
+    if device.startswith("cuda"):
+        return f"GPU: {torch.cuda.get_device_name(torch.device(device))} (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU: {cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
