@@ -68,13 +68,17 @@ def arms(args: argparse.Namespace) -> dict[str, tuple[LossConfig, PropagationCon
         chosen[f"both, paste rate {rate:g}"] = (replace(DEFAULT, artefact_paste_rate=rate), None)
     for rate in args.false_cells:  # the default with another detector threshold
         chosen[f"propagation, false cells {rate:g}"] = (DEFAULT, PropagationConfig(false_cells_per_image=rate))
+    for cells in args.grow_cells:  # the default with found masks grown by another margin
+        chosen[f"propagation, grown {cells} cells"] = (DEFAULT, PropagationConfig(grow_cells=cells))
     return chosen
 
 
-def detection(model, tensors, config: PropagationConfig, markers: list, chosen: set[int], seed: int) -> dict:
+def detection(
+    model, tensors, config: PropagationConfig, markers: list, kinds: list, chosen: set[int], seed: int
+) -> dict:
     """Mask propagation scored against the true markers (the same call fine_tune makes, so the same masks)."""
     found, report = propagate_ignore_masks(model, tensors, config, seed=seed)
-    return {**sim.score_propagation(found, markers, chosen), "threshold": report.threshold}
+    return {**sim.score_propagation(found, markers, chosen, kinds), "threshold": report.threshold}
 
 
 def run_seed(seed: int, data: sim.LabelledImages, args: argparse.Namespace) -> dict:
@@ -83,7 +87,7 @@ def run_seed(seed: int, data: sim.LabelledImages, args: argparse.Namespace) -> d
     train = data.subset(np.setdiff1d(np.arange(len(data)), test_idx))
     test = data.subset(test_idx)
     shortcut = sim.Shortcut(kinds=tuple(args.kinds))
-    images, markers = sim.inject_shortcut(train, shortcut, np.random.default_rng(seed))
+    images, markers, kinds = sim.inject_shortcut(train, shortcut, np.random.default_rng(seed))
     spec = sim.ModelSpec()
     thresholds = np.full(len(data.findings), 0.5)
 
@@ -110,7 +114,7 @@ def run_seed(seed: int, data: sim.LabelledImages, args: argparse.Namespace) -> d
             t0 = time.time()
             model = copy.deepcopy(biased)
             tensors = sim.make_tensors(model, spec, images, train.labels, ignore=ignore)
-            found = detection(model, tensors, propagation, markers, chosen, seed) if propagation else {}
+            found = detection(model, tensors, propagation, markers, kinds, chosen, seed) if propagation else {}
             config = replace(spec.finetune, loss=loss, epochs=args.epochs, propagation=propagation)
             sim.train(model, tensors, config, seed)
             out["arms"][f"{name} @ {share:.0%}"] = {
@@ -158,6 +162,13 @@ def write(runs: list[dict], args: argparse.Namespace, command: str) -> None:
         "date": max(r.get("date", "") for r in runs) or time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "runs": runs,
     }
+    # per artefact kind, for the arms that propagate (seeds measured before found_by_kind was recorded are left out)
+    by_kind: dict[str, dict[str, float]] = {}
+    for row in rows[2:]:
+        recorded = [r["arms"][row]["found_by_kind"] for r in runs if "found_by_kind" in r["arms"][row]]
+        if recorded:
+            by_kind[row] = {kind: float(np.nanmean([f.get(kind, np.nan) for f in recorded])) for kind in args.kinds}
+    summary["found_by_kind"] = by_kind
     (RESULTS / f"{args.name}.json").write_text(json.dumps(summary, indent=1))
 
     def fmt(cell: dict) -> str:
@@ -189,6 +200,12 @@ def write(runs: list[dict], args: argparse.Namespace, command: str) -> None:
         + " |"
         for row in rows
     ]
+    if by_kind:
+        lines += ["", "`found` per artefact kind (mean over the seeds that recorded it):", ""]
+        lines += [f"| model | {' | '.join(args.kinds)} |", "|---|" + "---|" * len(args.kinds)]
+        lines += [
+            f"| {row} | " + " | ".join(f"{v:.3f}" for v in cells.values()) + " |" for row, cells in by_kind.items()
+        ]
     base = table[f"labels only @ {args.shares[0]:.0%}"]["delta_p"]["mean"]
     lines += ["", "ΔP relative to labels-only fine-tuning (mean over seeds):", ""]
     lines += [
@@ -235,6 +252,9 @@ def main() -> None:
     parser.add_argument("--shares", type=float, nargs="+", default=[0.25, 1.0])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--kinds", nargs="+", default=["tag"])
+    parser.add_argument(
+        "--grow-cells", type=int, nargs="*", default=[], help="arms: the default with found masks grown by N cells"
+    )
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="labels only always runs")
     parser.add_argument("--paste-rates", type=float, nargs="*", default=[], help="extra ARTEFACT_PASTE_RATE arms")
     parser.add_argument("--false-cells", type=float, nargs="*", default=[], help="extra detector threshold arms")

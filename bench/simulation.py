@@ -104,11 +104,13 @@ class Shortcut:
 
 def inject_shortcut(
     data: LabelledImages, shortcut: Shortcut, rng: np.random.Generator
-) -> tuple[np.ndarray, list[np.ndarray | None]]:
-    """Images with markers stamped per the shortcut's rates, and each image's marker mask (None if none)."""
+) -> tuple[np.ndarray, list[np.ndarray | None], list[str | None]]:
+    """Images with markers stamped per the shortcut's rates, each image's marker mask and marker kind (None if
+    none)."""
     k = data.findings.index(shortcut.finding)
     images = data.images.copy()
     masks: list[np.ndarray | None] = [None] * len(data)
+    kinds: list[str | None] = [None] * len(data)
     for i in range(len(data)):
         positive = data.labels[i, k] > 0
         rate = (
@@ -119,24 +121,37 @@ def inject_shortcut(
         if rng.random() < rate:
             kind = shortcut.kinds[int(rng.integers(len(shortcut.kinds)))]
             images[i], masks[i] = stamp_marker(images[i], rng, kind=kind)
-    return images, masks
+            kinds[i] = kind
+    return images, masks, kinds
 
 
 def score_propagation(
-    found: ExampleTensors, markers: Sequence[np.ndarray | None], physician_masked: set[int]
-) -> dict[str, float | None]:
+    found: ExampleTensors,
+    markers: Sequence[np.ndarray | None],
+    physician_masked: set[int],
+    kinds: Sequence[str | None] | None = None,
+) -> dict[str, Any]:
     """Mask propagation against the true markers: ``marked_found`` = share of the marked images nobody masked
-    that got a mask covering at least half their marker; ``clean_masked`` = share of marker-free images masked."""
-    hits = [
-        bool(found.has_ignore[i]) and float((found.ignore[i, 0].numpy() > 0)[m].mean()) >= 0.5
-        for i, m in enumerate(markers)
-        if m is not None and i not in physician_masked
-    ]
+    that got a mask covering at least half their marker; ``clean_masked`` = share of marker-free images masked;
+    with ``kinds``, ``found_by_kind`` = ``marked_found`` per artefact kind, and ``coverage_by_kind`` = the mean
+    share of the marker's pixels under the propagated mask (0 where none was given)."""
+    unmasked = [i for i, m in enumerate(markers) if m is not None and i not in physician_masked]
+    covered = {
+        i: float((found.ignore[i, 0].numpy() > 0)[markers[i]].mean()) if bool(found.has_ignore[i]) else 0.0
+        for i in unmasked
+    }
     clean = [bool(found.has_ignore[i]) for i, m in enumerate(markers) if m is None]
-    return {
-        "marked_found": float(np.mean(hits)) if hits else None,
+    out: dict[str, Any] = {
+        "marked_found": float(np.mean([c >= 0.5 for c in covered.values()])) if covered else None,
         "clean_masked": float(np.mean(clean)) if clean else None,
     }
+    if kinds is not None:
+        by_kind: dict[str, list[float]] = {}
+        for i, share in covered.items():
+            by_kind.setdefault(str(kinds[i]), []).append(share)
+        out["found_by_kind"] = {k: float(np.mean([c >= 0.5 for c in v])) for k, v in sorted(by_kind.items())}
+        out["coverage_by_kind"] = {k: float(np.mean(v)) for k, v in sorted(by_kind.items())}
+    return out
 
 
 @dataclass(frozen=True)

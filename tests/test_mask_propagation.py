@@ -16,7 +16,7 @@ import torch
 from conftest import NIH, shared_or_skip
 
 from ml_backend.train.losses import LossConfig
-from ml_backend.train.mask_propagation import PropagationConfig, propagate_ignore_masks
+from ml_backend.train.mask_propagation import PropagationConfig, _artefact_cells, propagate_ignore_masks
 from ml_backend.train.trainer import TrainConfig, fine_tune
 
 pytestmark = pytest.mark.shared_data
@@ -28,7 +28,7 @@ PHYSICIAN_MASKS = 8
 @pytest.fixture(scope="module")
 def tagged() -> dict:
     data = sim.load_manifest_folder(shared_or_skip(NIH))
-    images, markers = sim.inject_shortcut(data, sim.Shortcut(kinds=("tag",)), np.random.default_rng(0))
+    images, markers, kinds = sim.inject_shortcut(data, sim.Shortcut(kinds=("tag",)), np.random.default_rng(0))
     spec = sim.ModelSpec()
     model = sim.new_model(spec, len(data.findings), seed=0)
     sim.train(model, sim.make_tensors(model, spec, images, data.labels), replace(spec.scratch, epochs=3, loss=OFF), 0)
@@ -36,7 +36,7 @@ def tagged() -> dict:
     chosen = set(marked[:PHYSICIAN_MASKS])
     ignore = [markers[i] if i in chosen else None for i in range(len(images))]
     tensors = sim.make_tensors(model, spec, images, data.labels, ignore=ignore)
-    return {"model": model, "tensors": tensors, "markers": markers, "chosen": chosen, "spec": spec}
+    return {"model": model, "tensors": tensors, "markers": markers, "kinds": kinds, "chosen": chosen, "spec": spec}
 
 
 def test_the_marked_artefact_is_found_on_the_unmasked_images(tagged: dict) -> None:
@@ -45,8 +45,11 @@ def test_the_marked_artefact_is_found_on_the_unmasked_images(tagged: dict) -> No
     assert report.masked_images == PHYSICIAN_MASKS and not report.skipped
     assert report.threshold is not None and report.threshold >= 0.5
 
-    score = sim.score_propagation(out, markers, chosen)
+    score = sim.score_propagation(out, markers, chosen, tagged["kinds"])
     found, clean = score["marked_found"], score["clean_masked"]
+    # one kind here: its share found is the overall one, and a found tag is at least half covered
+    assert score["found_by_kind"] == {"tag": found}
+    assert score["coverage_by_kind"]["tag"] >= 0.5 * found
     print(report.to_json(), f"found {found:.2f}, clean masked {clean:.3f}")
     # measured: every one of the ~70 unmasked tags found, fully covered; 2-7% of tag-free images get a mask
     # (small ones: NIH films carry real text markers of their own)
@@ -58,6 +61,17 @@ def test_the_marked_artefact_is_found_on_the_unmasked_images(tagged: dict) -> No
     # the physicians' own masks are untouched
     for i in chosen:
         assert torch.equal(out.ignore[i], tensors.ignore[i])
+
+
+def test_found_components_grow_by_the_configured_cells() -> None:
+    prob = np.zeros((1, 8, 8))
+    prob[0, 3, 3:5] = 0.9  # a two-cell component
+    prob[0, 7, 0] = 0.9  # a single cell: under min_cells, dropped
+    grown = {n: _artefact_cells(prob, 0.5, PropagationConfig(grow_cells=n))[0] for n in (0, 1, 2)}
+    assert grown[0].sum() == 2 and not grown[0][7, 0]  # exactly the component
+    assert grown[1].sum() == 2 + 6  # one 4-connected ring: 2 above, 2 below, 1 at each end
+    assert grown[2].sum() > grown[1].sum() and grown[1][grown[0]].all() and grown[2][grown[1]].all()
+    assert not grown[2][7, 0]
 
 
 def test_too_few_masks_propagate_nothing(tagged: dict) -> None:

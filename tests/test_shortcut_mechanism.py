@@ -36,7 +36,7 @@ def test_ignore_masks_remove_the_dependence_on_a_shortcut() -> None:
     # One artefact kind (a text tag at varying corners, sizes and intensities): the mechanism case. The
     # benchmark draws tags, tubes and rulers, where a minority of masks has less to generalise from.
     shortcut = sim.Shortcut(kinds=("tag",))
-    images, markers = sim.inject_shortcut(train, shortcut, np.random.default_rng(0))
+    images, markers, _ = sim.inject_shortcut(train, shortcut, np.random.default_rng(0))
     spec = sim.ModelSpec()
     no_attention = LossConfig(prediction="wbce", ignore_weight=0.0, evidence_weight=0.0, counterfactuals=False)
 

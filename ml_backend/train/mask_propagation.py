@@ -50,7 +50,8 @@ class PropagationConfig:
     min_cells: int = 2  # smallest component kept, in stride-4 cells
     margin_cells: int = 1  # cells around a mask left out of the negatives
     false_cells_per_image: float = 0.5  # held-out negative cells per image allowed over the threshold
-    min_heldout_recall: float = 0.5  # share of held-out masked images found; below it the features do not know it
+    min_heldout_images_found: float = 0.5  # share of held-out masked images found; below it the features do not know it
+    grow_cells: int = 1  # cells added around each found component: an artefact's edge straddles cells
     max_area: float = 0.15  # largest propagated mask, as a share of the image
     negatives_per_image: int = 256  # negative cells sampled per masked image for the fit
     min_threshold: float = 0.5  # lowest cell probability that counts as the artefact
@@ -61,7 +62,7 @@ class PropagationConfig:
 class PropagationReport:
     masked_images: int  # physician-masked images the detector learnt from
     threshold: float | None  # probability a cell must exceed
-    heldout_recall: float | None  # share of held-out positive cells found at that threshold
+    heldout_cell_recall: float | None  # share of held-out positive cells found at that threshold
     propagated: int  # unmasked images that received a mask
     searched: int  # unmasked images searched
     skipped: str = ""  # why nothing was propagated, if so
@@ -162,14 +163,16 @@ _IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 
 
 def _artefact_cells(prob: np.ndarray, threshold: float, config: PropagationConfig) -> np.ndarray:
-    """(N, h, w) bool: per image, the components over ``threshold`` of at least ``min_cells`` cells, with one
-    cell of margin (the artefact's edge straddles cells); empty where they would cover over ``max_area``."""
+    """(N, h, w) bool: per image, the components over ``threshold`` of at least ``min_cells`` cells, grown by
+    ``grow_cells``; empty where they would cover over ``max_area``."""
     components, _ = ndimage.label(prob > threshold, structure=_IN_PLANE)
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
     keep = sizes[components] >= config.min_cells
     keep[keep.mean(axis=(1, 2)) > config.max_area] = False
-    return ndimage.binary_dilation(keep, structure=_IN_PLANE)
+    if config.grow_cells <= 0:  # scipy dilates until nothing changes when iterations < 1
+        return keep
+    return ndimage.binary_dilation(keep, structure=_IN_PLANE, iterations=config.grow_cells)
 
 
 def _fit(features: np.ndarray, labels: np.ndarray) -> Pipeline:
@@ -274,7 +277,7 @@ def _propagate(
     quantile = 1.0 - config.false_cells_per_image / (grid[0] * grid[1])
     threshold = float(max(config.min_threshold, np.quantile(heldout[y == 0], quantile)))
     report.threshold = threshold
-    report.heldout_recall = float((heldout[y == 1] > threshold).mean())
+    report.heldout_cell_recall = float((heldout[y == 1] > threshold).mean())
     # The gate counts images, not cells: one cell over the threshold is enough for the component (dilated by a
     # cell) to cover a small tag, while a long tube's cell recall can be low on an image it does find. With the
     # pooled cell-recall gate, mixed artefacts at 10% masks declined in two of four seeds
@@ -283,10 +286,10 @@ def _propagate(
     seen = np.unique(g[(y == 1) & (heldout > threshold)])
     report.heldout_images = len(masked_groups)
     report.heldout_images_seen = len(seen)
-    if len(seen) < config.min_heldout_recall * len(masked_groups):  # e.g. a barely trained model: noise
+    if len(seen) < config.min_heldout_images_found * len(masked_groups):  # e.g. a barely trained model: noise
         report.skipped = (
             f"the detector finds {len(seen)} of {len(masked_groups)} held-out masked images "
-            f"({report.heldout_recall:.0%} of their artefact cells)"
+            f"({report.heldout_cell_recall:.0%} of their artefact cells)"
         )
         return data, report
     detector = _fit(x, y)
