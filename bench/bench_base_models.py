@@ -34,8 +34,10 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import simulation as sim  # noqa: E402
 
+from ml_backend.measure.metrics import polygon_mask  # noqa: E402
 from ml_backend.models.classifier import build_classifier, normalisation, to_input_tensor  # noqa: E402
 from ml_backend.train.losses import LossConfig, positive_weights, prediction_loss  # noqa: E402
+from ml_backend.train.trainer import predict_probabilities  # noqa: E402
 
 FINDINGS = (
     "Atelectasis",
@@ -67,7 +69,7 @@ def standardise(image: np.ndarray) -> np.ndarray:
 def load(size: int, sets: list[str], norm: str = "none") -> dict:
     """``norm``: "none" (pixels / 255), "image" (per-image standardisation) or "equalize" (histogram
     equalisation at the stored resolution, before resizing): both remove per-source brightness/contrast."""
-    images, labels, patients, sexes, sources = [], [], [], [], []
+    images, labels, patients, sexes, ages, sources = [], [], [], [], [], []
     for name in sets:
         folder, sub = SOURCES[name]
         root = common.SHARED / folder
@@ -82,14 +84,35 @@ def load(size: int, sets: list[str], norm: str = "none") -> dict:
             labels.append([float(f in record["labels"]) for f in FINDINGS])
             patients.append(str(record["patient_id"]))
             sexes.append(record.get("sex", ""))
+            ages.append(float(record.get("age") or np.nan))
             sources.append(name if name == "nih1000" else "nih_hires:" + record.get("source", "").split("@")[0])
     return {
         "images": np.stack(images),
         "labels": np.asarray(labels, np.float32),
         "patients": np.array(patients),
         "sex": np.array(sexes),
+        "age": np.array(ages),
         "source": np.array(sources),
     }
+
+
+def evidence_regions(size: int, sets: list[str]) -> list[dict[int, np.ndarray]]:
+    """Per image (same order as load), evidence masks by finding index from ChestX-Det and NIH boxes."""
+    out = []
+    aliases = {"Infiltrate": "Infiltration"}
+    for name in sets:
+        folder, _ = SOURCES[name]
+        for record in json.loads((common.SHARED / folder / "manifest.json").read_text()):
+            masks: dict[int, np.ndarray] = {}
+            for region in (record.get("chestxdet") or []) + (record.get("nih_boxes") or []):
+                label = aliases.get(region.get("label"), region.get("label"))
+                if label not in FINDINGS:
+                    continue
+                k = FINDINGS.index(label)
+                mask = polygon_mask(region.get("polygon") or region["xyxy"], record.get("coord_space", 1024), size)
+                masks[k] = masks[k] | mask if k in masks else mask
+            out.append(masks)
+    return out
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -100,24 +123,45 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     tx, ty = r(-0.06, 0.06), r(-0.06, 0.06)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
     out = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
     contrast, bright = r(0.85, 1.15)[:, None, None, None], r(-0.15, 0.15)[:, None, None, None]
-    return out * contrast + bright
+    return out * contrast.to(x.device) + bright.to(x.device)
 
 
-def train_fold(data: dict, train_idx: np.ndarray, args: argparse.Namespace, seed: int) -> torch.nn.Module:
+# deterministic test-time views: the identity plus the mildest of the training augmentations (scale and shift),
+# no flip (the heart is on the left); the probabilities of the views are averaged
+TTA_VIEWS = ((1.0, 0.0, 0.0), (1.05, 0.0, 0.0), (0.95, 0.0, 0.0), (1.0, 0.04, 0.0), (1.0, -0.04, 0.0))
+
+
+def tta_probabilities(model: torch.nn.Module, size: int, images: np.ndarray) -> np.ndarray:
+    mean, std = normalisation(model)
+    x = to_input_tensor(list(images), size, mean, std)
+    views = []
+    for scale, tx, ty in TTA_VIEWS:
+        theta = torch.tensor([[1 / scale, 0.0, tx], [0.0, 1 / scale, ty]]).expand(len(x), 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        view = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+        views.append(predict_probabilities(model, view))
+    return np.mean(views, axis=0).astype(np.float32)
+
+
+def train_fold(
+    data: dict, train_idx: np.ndarray, args: argparse.Namespace, seed: int, device: str = "cpu"
+) -> torch.nn.Module:
+    """The recipe's model trained on ``data["images"][train_idx]`` (its EMA when ``args.ema``), on ``device``;
+    the random draws (initialisation, order, augmentation) are the same on every device."""
     torch.manual_seed(seed)
     # bench_cooccurrence.py trains through here with its own arguments, which predate these knobs
     kwargs = {"output_stride": getattr(args, "output_stride", 16), "drop_rate": getattr(args, "drop_rate", 0.0)}
     smoothing, ema_decay = getattr(args, "label_smoothing", 0.0), getattr(args, "ema", 0.0)
-    model = build_classifier(args.backbone, len(FINDINGS), **kwargs)
+    model = build_classifier(args.backbone, len(FINDINGS), **kwargs).to(device)
     # an exponential moving average of the weights (timm's, with warm-up) evaluates like a cheap ensemble of the
     # last few epochs' models: the held-out AUROC of a small model trained from scratch moves a lot between epochs
     ema = ModelEmaV3(model, decay=ema_decay, use_warmup=True) if ema_decay > 0 else None
     mean, std = normalisation(model)
-    x = to_input_tensor(list(data["images"][train_idx]), args.size, mean, std)
-    y = torch.from_numpy(data["labels"][train_idx])
+    x = to_input_tensor(list(data["images"][train_idx]), args.size, mean, std).to(device)
+    y = torch.from_numpy(data["labels"][train_idx]).to(device)
     # the product's prediction losses (train/losses.py): "wbce" is what its fine-tuning uses by default
     loss_config = LossConfig(prediction=getattr(args, "loss", "bce"))
     pos_weight = positive_weights(y, loss_config.max_pos_weight)
@@ -129,7 +173,7 @@ def train_fold(data: dict, train_idx: np.ndarray, args: argparse.Namespace, seed
     for _ in range(args.epochs):
         perm = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), args.batch_size):
-            index = perm[start : start + args.batch_size]
+            index = perm[start : start + args.batch_size].to(device)
             if len(index) < 2:
                 continue
             xb = augment(x[index], generator) if args.augment else x[index]
@@ -195,6 +239,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="BCE targets y*(1-s) + s/2")
     parser.add_argument("--loss", default="bce", choices=["bce", "wbce", "asl"], help="prediction loss")
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off)")
+    parser.add_argument(
+        "--tta", action="store_true", help="report the test-time-augmented predictions (TTA_VIEWS averaged)"
+    )
     parser.add_argument("--members", type=int, default=1, help="models per fold (seeds), probabilities averaged")
     parser.add_argument(
         "--run-members", type=int, nargs="*", help="only train these members and write no results (default: all)"
@@ -231,7 +278,7 @@ def held_out_predictions(
     members resumes into a larger ensemble.
     """
     cache = cache_dir(args)
-    run_members = args.run_members
+    run_members, tta = args.run_members, getattr(args, "tta", False)
     per_member = np.full((args.members, *data["labels"].shape), np.nan, np.float32)
     fold_seconds: dict[int, float] = {}
     for fold in args.run_folds if args.run_folds is not None else range(args.folds):
@@ -240,7 +287,11 @@ def held_out_predictions(
             skipped = run_members is not None and member not in run_members
             if path.exists() and (args.resume or skipped):
                 saved = np.load(path)
-                per_member[member][saved["idx"]] = saved["p"]
+                if tta and "p_tta" not in saved:
+                    raise SystemExit(
+                        f"{path} predates --tta (no test-time-augmented predictions): rerun it without --resume"
+                    )
+                per_member[member][saved["idx"]] = saved["p_tta" if tta else "p"]
                 fold_seconds[fold] = fold_seconds.get(fold, 0.0) + float(saved["seconds"])
                 continue
             if skipped:
@@ -249,10 +300,12 @@ def held_out_predictions(
             test_idx = folds[fold]
             model = train_fold(data, np.setdiff1d(np.arange(len(data["labels"])), test_idx), args, fold + 1000 * member)
             p = sim.probabilities(model, sim.ModelSpec(input_size=args.size), data["images"][test_idx])
-            per_member[member][test_idx] = p
+            # both kinds of prediction are cached, so one training run reports with and without --tta
+            p_tta = tta_probabilities(model, args.size, data["images"][test_idx])
+            per_member[member][test_idx] = p_tta if tta else p
             seconds = time.time() - t0
             fold_seconds[fold] = fold_seconds.get(fold, 0.0) + seconds
-            np.savez(path, idx=test_idx, p=p, seconds=seconds)
+            np.savez(path, idx=test_idx, p=p, p_tta=p_tta, seconds=seconds)
             partial = report(data, per_member[member], ~np.isnan(per_member[member][:, 0]))
             print(
                 f"{cache.name} fold {fold} member {member}: {seconds:.0f}s; member so far macro {partial['macro']}, "

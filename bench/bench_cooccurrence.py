@@ -37,27 +37,8 @@ import bench_base_models as base  # noqa: E402
 import common  # noqa: E402
 import simulation as sim  # noqa: E402
 
-from ml_backend.measure.metrics import choose_thresholds, polygon_mask  # noqa: E402
+from ml_backend.measure.metrics import choose_thresholds  # noqa: E402
 from ml_backend.train.losses import LossConfig  # noqa: E402
-
-
-def regions(size: int, sets: list[str]) -> list[dict[int, np.ndarray]]:
-    """Per image (same order as base.load), evidence masks by finding index from ChestX-Det and NIH boxes."""
-    out = []
-    aliases = {"Infiltrate": "Infiltration"}
-    for name in sets:
-        folder, _ = base.SOURCES[name]
-        for record in json.loads((common.SHARED / folder / "manifest.json").read_text()):
-            masks: dict[int, np.ndarray] = {}
-            for region in (record.get("chestxdet") or []) + (record.get("nih_boxes") or []):
-                label = aliases.get(region.get("label"), region.get("label"))
-                if label not in base.FINDINGS:
-                    continue
-                k = base.FINDINGS.index(label)
-                mask = polygon_mask(region.get("polygon") or region["xyxy"], record.get("coord_space", 1024), size)
-                masks[k] = masks[k] | mask if k in masks else mask
-            out.append(masks)
-    return out
 
 
 def correlate(idx: np.ndarray, labels: np.ndarray, a: int, b: int, keep: float, rng: np.random.Generator):
@@ -127,7 +108,7 @@ def main() -> int:
     common.apply_threads(args.threads)
     started = time.time()
     data = base.load(args.size, args.sets)
-    evidence_all = regions(args.size, args.sets)
+    evidence_all = base.evidence_regions(args.size, args.sets)
     a, b = (base.FINDINGS.index(f) for f in args.pair)
     labels = data["labels"]
     folds = sim.patient_folds(data["patients"], args.folds, seed=0)

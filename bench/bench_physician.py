@@ -37,6 +37,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import bench_base_models as base  # noqa: E402
 import common  # noqa: E402
 import simulation as sim  # noqa: E402
 
@@ -78,6 +79,54 @@ ARMS = [
 ]
 
 
+@dataclass(frozen=True)
+class Setup:
+    """The data, the model shape and how the initial models are trained, shared by every fold and arm."""
+
+    data: sim.LabelledImages
+    spec: sim.ModelSpec
+    # bench_base_models' recipe (a results file's "recipe") for the initial and clean models; None: the product's
+    # trainer for ``--scratch-epochs`` on nih1000 (the benchmark's first, weak setting)
+    recipe: argparse.Namespace | None = None
+    name: str = "nih1000"  # names the cache, so folds of different setups never mix
+
+    def describe(self) -> dict:
+        shape = {
+            "backbone": self.spec.backbone,
+            "input": self.spec.input_size,
+            "output_stride": self.spec.output_stride,
+        }
+        if self.recipe is None:
+            return {**shape, "data": "nih1000", "initial_models": "product trainer, --scratch-epochs"}
+        return {**shape, "data": "+".join(self.recipe.sets), "initial_models": self.name, "recipe": vars(self.recipe)}
+
+
+def load_setup(args: argparse.Namespace) -> Setup:
+    """``--base-recipe NAME``: the data and recipe measured in bench/results/NAME.json (issue 16 part 1's clean
+    model); otherwise nih1000 and the product's trainer."""
+    name = getattr(args, "base_recipe", None)
+    if not name:
+        if not DATA.exists():
+            sys.exit(f"{DATA} is absent: this benchmark needs ../shared/data/nih1000")
+        return Setup(sim.load_manifest_folder(DATA), sim.ModelSpec(backbone=args.backbone))
+    common.require_shared()
+    recipe = argparse.Namespace(**json.loads((RESULTS / f"{name}.json").read_text())["recipe"])
+    if args.quick:  # the pipeline, not the numbers
+        recipe.epochs = 1
+    raw = base.load(recipe.size, recipe.sets, recipe.norm)
+    data = sim.LabelledImages(
+        raw["images"],
+        raw["labels"],
+        base.FINDINGS,
+        raw["patients"],
+        raw["sex"],
+        raw["age"],
+        base.evidence_regions(recipe.size, recipe.sets),
+    )
+    spec = sim.ModelSpec(backbone=recipe.backbone, output_stride=recipe.output_stride, input_size=recipe.size)
+    return Setup(data, spec, recipe, name)
+
+
 def cams_and_probs(model: torch.nn.Module, spec: sim.ModelSpec, images: np.ndarray):
     mean, std = normalisation(model)
     x = to_input_tensor(list(images), spec.input_size, mean, std).to(next(model.parameters()).device)
@@ -110,10 +159,9 @@ def physician_sees_marker(cam: np.ndarray, probs: np.ndarray, marker: np.ndarray
     return False
 
 
-def run_fold(
-    fold: int, data: sim.LabelledImages, args: argparse.Namespace, spec: sim.ModelSpec, arms: list[Arm] = ARMS
-) -> dict:
+def run_fold(fold: int, setup: Setup, args: argparse.Namespace, arms: list[Arm] = ARMS) -> dict:
     started = time.time()
+    data, spec = setup.data, setup.spec
     # another split seed gives an independent replicate (other test folds, training sets and marker draws)
     folds = sim.patient_folds(data.patients, args.folds, seed=getattr(args, "split_seed", 0))
     test_idx = folds[fold]
@@ -125,8 +173,8 @@ def run_fold(
     train, val, test = data.subset(train_idx), data.subset(val_idx), data.subset(test_idx)
     shortcut = sim.Shortcut()
     rng = np.random.default_rng(fold)
-    train_images, marker_masks = sim.inject_shortcut(train, shortcut, rng)
-    val_images, _ = sim.inject_shortcut(val, shortcut, np.random.default_rng(1000 + fold))
+    train_images, marker_masks, _ = sim.inject_shortcut(train, shortcut, rng)
+    val_images, _, _ = sim.inject_shortcut(val, shortcut, np.random.default_rng(1000 + fold))
     k_short = data.findings.index(shortcut.finding)
     # paired ΔP: the same markers for every model of this fold
     marker_rng = np.random.default_rng(5000 + fold)
@@ -138,15 +186,21 @@ def run_fold(
         thresholds = choose_thresholds(val.labels, sim.probabilities(model, spec, val_images))
         return {"p": p_test, "dp": p_marked[:, k_short] - p_test[:, k_short], "thr": thresholds}
 
-    def scratch(loss: LossConfig, images: np.ndarray, seed: int) -> torch.nn.Module:
+    def scratch(prediction: str | None, images: np.ndarray, seed: int) -> torch.nn.Module:
+        """A model trained from scratch on ``images`` with the ``prediction`` loss (None: the recipe's own)."""
+        if setup.recipe is not None:
+            recipe = argparse.Namespace(**{**vars(setup.recipe), "loss": prediction or setup.recipe.loss})
+            pixels = {"images": images, "labels": train.labels}
+            return base.train_fold(pixels, np.arange(len(images)), recipe, seed, device=args.device).eval()
         model = sim.new_model(spec, len(data.findings), seed).to(args.device)
         tensors = sim.make_tensors(model, spec, images, train.labels)
+        loss = LossConfig(prediction=prediction or "bce", **NO_ATTENTION)
         sim.train(model, tensors, replace(spec.scratch, loss=loss, epochs=args.scratch_epochs), seed)
         return model.eval()
 
-    bce = LossConfig(prediction="bce", **NO_ATTENTION)
-    initial = {"bce": scratch(bce, train_images, fold), "wbce": scratch(LossConfig(**NO_ATTENTION), train_images, fold)}
-    clean = scratch(bce, train.images, fold)
+    initial = {"bce": scratch("bce", train_images, fold), "wbce": scratch("wbce", train_images, fold)}
+    # the marker-free model: with a recipe, the one bench_base_models measured (issue 16 part 1)
+    clean = scratch(None, train.images, fold)
     out = {
         "fold": fold,
         "test_idx": test_idx.tolist(),
@@ -259,7 +313,8 @@ def effort_to_reach(start: float, efforts: list, delta_p: list, level: float) ->
     return None
 
 
-def summarise(folds: list[dict], data: sim.LabelledImages, args: argparse.Namespace, command: str) -> dict:
+def summarise(folds: list[dict], setup: Setup, args: argparse.Namespace, command: str) -> dict:
+    data = setup.data
     order = pooled(folds, lambda f: np.array(f["test_idx"]))
     y, sex, patients = data.labels[order], data.sex[order], data.patients[order]
     k = data.findings.index("Cardiomegaly")
@@ -414,7 +469,7 @@ def summarise(folds: list[dict], data: sim.LabelledImages, args: argparse.Namesp
             "source": "assumption: ~20 s to read a chest X-ray and tick findings; brush strokes timed"
             " as short edits in the Label Studio editor",
         },
-        "model": {"backbone": args.backbone, "input": 64, "output_stride": 16},
+        "model": setup.describe(),
         "command": command,
         "machine": {
             "cpu": platform.processor() or platform.machine(),
@@ -524,6 +579,11 @@ def main() -> None:
     parser.add_argument("--scratch-epochs", type=int, default=8)
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--backbone", default="resnet10t")
+    parser.add_argument(
+        "--base-recipe",
+        help="initial and clean models from this bench_base_models results file's recipe and data (e.g. "
+        "base_models_ema); default: the product's trainer for --scratch-epochs on nih1000",
+    )
     parser.add_argument("--device", default=common.default_device(), help="where models train (cuda when there is one)")
     parser.add_argument("--n-boot", type=int, default=200)
     parser.add_argument("--quick", action="store_true")
@@ -540,13 +600,10 @@ def main() -> None:
     if args.quick:
         # one seed, a small budget: checks the pipeline end to end (tests/test_bench_quick.py), not the numbers
         args.run_folds, args.budgets, args.scratch_epochs, args.finetune_epochs, args.n_boot = 1, [10, 20], 2, 1, 20
-    if not DATA.exists():
-        sys.exit(f"{DATA} is absent: this benchmark needs ../shared/data/nih1000")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    spec = sim.ModelSpec(backbone=args.backbone)
-    data = sim.load_manifest_folder(DATA)
+    setup = load_setup(args)
     # Each fold is saved as it finishes, so an interrupted run resumes (--resume) instead of starting over.
-    cache = args.out / ".cache"
+    cache = args.out / ".cache" / ("" if setup.recipe is None else f"{setup.name}-split{args.folds}")
     cache.mkdir(parents=True, exist_ok=True)
     folds = []
     for f in range(args.run_folds or args.folds):
@@ -558,18 +615,18 @@ def main() -> None:
         if args.resume and path.exists():
             cached = pickle.loads(path.read_bytes())
             if args.rerun_arms:
-                rerun = run_fold(f, data, args, spec, [a for a in ARMS if a.name in args.rerun_arms])
+                rerun = run_fold(f, setup, args, [a for a in ARMS if a.name in args.rerun_arms])
                 cached["arms"].update(rerun["arms"])
                 path.write_bytes(pickle.dumps(cached))
             folds.append(cached)
             continue
-        folds.append(run_fold(f, data, args, spec))
+        folds.append(run_fold(f, setup, args))
         path.write_bytes(pickle.dumps(folds[-1]))
     if len(folds) < (args.run_folds or args.folds):
         print(f"{len(folds)} folds cached so far; summarise once all are done (--resume)")
         return
     command = "python bench/bench_physician.py " + " ".join(sys.argv[1:])
-    summary = summarise(folds, data, args, command.strip())
+    summary = summarise(folds, setup, args, command.strip())
     write_outputs(summary, args.out)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("curves", "per_arm")}, indent=1))
 

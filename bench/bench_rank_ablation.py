@@ -26,7 +26,6 @@ sys.path.insert(0, str(ROOT))
 
 import bench_physician as physician  # noqa: E402
 import common  # noqa: E402
-import simulation as sim  # noqa: E402
 
 from ml_backend.rank.strategy.config import SIGNALS  # noqa: E402
 from ml_backend.train.losses import LossConfig  # noqa: E402
@@ -162,6 +161,7 @@ def main() -> None:
     parser.add_argument("--scratch-epochs", type=int, default=6)
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--backbone", default="resnet10t")
+    parser.add_argument("--base-recipe", help="initial models from this bench_base_models recipe (bench_physician)")
     parser.add_argument("--device", default=common.default_device(), help="where models train")
     parser.add_argument("--only-folds", type=int, nargs="+", help="compute only these folds (parallel runs)")
     parser.add_argument("--only-arms", nargs="+", help="compute only these arms (parallel runs)")
@@ -178,10 +178,7 @@ def main() -> None:
     if args.quick:  # the pipeline end to end (tests/test_bench_quick.py), not the numbers
         args.run_folds, args.budgets, args.scratch_epochs, args.finetune_epochs = 1, [10, 20], 2, 1
         args.signals = ["heatmap", "epistemic"]
-    if not physician.DATA.exists():
-        sys.exit(f"{physician.DATA} is absent: this benchmark needs ../shared/data/nih1000")
-    spec = sim.ModelSpec(backbone=args.backbone)
-    data = sim.load_manifest_folder(physician.DATA)
+    setup = physician.load_setup(args)
     try:
         arms = ablation_arms(tuple(args.signals), tuple(args.combos))
     except ValueError as error:
@@ -193,6 +190,7 @@ def main() -> None:
     # One cache file per (fold, arm): an interrupted run resumes, and groups of arms run in parallel processes
     # (--only-folds / --only-arms), each retraining the fold's seeded initial models.
     suffix = f"_split{args.split_seed}" if args.split_seed else ""
+    suffix += f"_{setup.name}" if setup.recipe is not None else ""
     cache = args.out / f".cache_rank_ablation{suffix}"
     cache.mkdir(parents=True, exist_ok=True)
     folds = []
@@ -204,7 +202,7 @@ def main() -> None:
         if args.only_arms:
             todo = [a for a in todo if a.name in args.only_arms]
         if todo:
-            out = physician.run_fold(f, data, args, spec, todo)
+            out = physician.run_fold(f, setup, args, todo)
             for a in todo:
                 part = {k: v for k, v in out.items() if k != "arms"} | {"arms": {a.name: out["arms"][a.name]}}
                 part["seconds"] = out["seconds"] / len(todo)  # the arm's share of its process

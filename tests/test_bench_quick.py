@@ -105,3 +105,35 @@ def test_imbalance_quick_mode(tmp_path: Path) -> None:
         assert "excludes_zero" in entry["f1_change_points"], name
     assert set(wbce["macro_f1_rare_change_points"]) >= {"value", "interval_95", "excludes_zero"}
     assert "| wbce |" in (tmp_path / "imbalance.md").read_text()
+
+
+def test_physician_setup_from_a_base_recipe() -> None:
+    """``--base-recipe``: the physician loop builds on the data and recipe bench_base_models measured (both NIH
+    sets, per-image standardisation, the recipe's stride), and the recipe trains on the device asked for."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import argparse
+
+    import bench_base_models as base
+    import bench_physician as physician
+    import numpy as np
+    import torch
+
+    shared_or_skip(NIH)
+    args = argparse.Namespace(base_recipe="base_models_ema", quick=True, backbone="resnet10t")
+    setup = physician.load_setup(args)
+    recipe = json.loads((ROOT / "bench" / "results" / "base_models_ema.json").read_text())["recipe"]
+    assert len(setup.data) == 2337 and len(setup.data.regions) == 2337  # nih1000 + nih_hires
+    assert setup.data.findings == base.FINDINGS and set(setup.data.sex) == {"M", "F"}
+    assert sum(bool(r) for r in setup.data.regions) >= 70  # ChestX-Det polygons and NIH boxes for evidence masks
+    assert setup.spec.input_size == recipe["size"] and setup.spec.output_stride == recipe["output_stride"]
+    assert setup.recipe is not None and setup.recipe.epochs == 1  # quick mode shortens the recipe, nothing else
+    assert setup.describe()["initial_models"] == "base_models_ema"
+    # per-image standardisation: every image has the same mean and spread
+    assert np.allclose(setup.data.images.mean(axis=(1, 2)), 0.485, atol=1e-3)
+
+    pixels = {"images": setup.data.images[:64], "labels": setup.data.labels[:64]}
+    model = base.train_fold(pixels, np.arange(64), setup.recipe, seed=0, device="cpu")
+    assert not model.training
+    with torch.no_grad():
+        probs = physician.sim.probabilities(model, setup.spec, setup.data.images[64:80])
+    assert probs.shape == (16, len(base.FINDINGS)) and np.isfinite(probs).all()
