@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -14,8 +15,15 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from ml_backend.config import Settings
+
+# Property tests explore new inputs on a developer's machine; CI (.ci/run sets HYPOTHESIS_PROFILE=ci) replays a
+# fixed sequence, so a landing is not failed by an input that the change did not touch. An input a local run
+# finds is kept in .hypothesis/ and replayed first next time.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 ROOT = Path(__file__).resolve().parents[1]
 # bench/simulation.py (the shortcut-experiment machinery the benchmarks and the mechanism tests share)
