@@ -81,6 +81,24 @@ def eod_and_f1(y_a: np.ndarray, pred_a: np.ndarray, group_b: np.ndarray) -> tupl
     return float(max(gaps)), None if f1 is None else float(f1)
 
 
+# what a bench_base_models recipe sets (--base-recipe); the rest of train_fold's knobs keep their defaults
+RECIPE_KNOBS = (
+    "size",
+    "backbone",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "augment",
+    "norm",
+    "output_stride",
+    "drop_rate",
+    "label_smoothing",
+    "ema",
+    "sets",
+)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pair", nargs=2, default=["Atelectasis", "Effusion"], metavar=("A", "B"))
@@ -99,15 +117,26 @@ def main() -> int:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--quick", action="store_true", help="pipeline smoke run: 2 folds, 1 epoch, nih1000")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    parser.add_argument(
+        "--base-recipe",
+        help="train the baseline with this bench_base_models results file's recipe and data (its loss replaced "
+        "by BCE, the baseline's definition), e.g. base_models_96; the recipe options above are then ignored",
+    )
+    parser.add_argument("--only-folds", type=int, nargs="+", help="compute only these folds (parallel processes)")
     args = parser.parse_args()
     args.augment = True
+    if args.base_recipe:
+        recipe = json.loads((common.RESULTS / f"{args.base_recipe}.json").read_text())["recipe"]
+        for knob in RECIPE_KNOBS:
+            setattr(args, knob, recipe[knob])
+    args.loss = "bce"
     if args.quick:
         args.folds, args.epochs, args.finetune_epochs, args.sets, args.n_boot = 2, 1, 1, ["nih1000"], 50
     out = args.out or (common.RESULTS if not args.quick else None)
     common.require_shared()
     common.apply_threads(args.threads)
     started = time.time()
-    data = base.load(args.size, args.sets)
+    data = base.load(args.size, args.sets, getattr(args, "norm", "none"))
     evidence_all = base.evidence_regions(args.size, args.sets)
     a, b = (base.FINDINGS.index(f) for f in args.pair)
     labels = data["labels"]
@@ -115,16 +144,19 @@ def main() -> int:
     key = "-".join(
         ["cooc", *args.pair, str(args.keep_a_without_b), str(args.size), args.backbone]
         + [str(args.epochs), str(args.finetune_epochs), "+".join(args.sets)]
+        + ([args.base_recipe] if args.base_recipe else [])
     )
     cache = (out or Path("/tmp")) / ".cooccurrence_cache" / key
     cache.mkdir(parents=True, exist_ok=True)
     (cache.parent / ".gitignore").write_text("*\n")  # per-fold cache for --resume, not results
-    spec = sim.ModelSpec(backbone=args.backbone, input_size=args.size)
+    spec = sim.ModelSpec(backbone=args.backbone, input_size=args.size, output_stride=getattr(args, "output_stride", 16))
     per_fold = []
     for fold in range(args.folds):
         path = cache / f"fold{fold}.npz"
-        if args.resume and path.exists():
+        if (args.resume or args.only_folds) and path.exists():
             per_fold.append(dict(np.load(path)))
+            continue
+        if args.only_folds is not None and fold not in args.only_folds:
             continue
         t0 = time.time()
         rng = np.random.default_rng(fold)
@@ -155,6 +187,9 @@ def main() -> int:
         per_fold.append(row)
         print(f"fold {fold}: {row['seconds']:.0f}s, train P(B|A) {row['train_p_b_given_a']:.2f}", flush=True)
 
+    if len(per_fold) < args.folds:
+        print(f"{len(per_fold)} of {args.folds} folds cached; summarise with --resume once all are", flush=True)
+        return 2
     # pool the decorrelated held-out predictions (each fold binarised with its own validation thresholds)
     idx = np.concatenate([r["test_idx"] for r in per_fold])
     pred = {
