@@ -70,11 +70,6 @@ def arms(args: argparse.Namespace) -> dict[str, tuple[LossConfig, PropagationCon
         chosen[f"propagation, false cells {rate:g}"] = (DEFAULT, PropagationConfig(false_cells_per_image=rate))
     for cells in args.grow_cells:  # the default with found masks grown by another margin
         chosen[f"propagation, grown {cells} cells"] = (DEFAULT, PropagationConfig(grow_cells=cells))
-    for kinds in args.detectors:  # the default with a mixture of up to N detectors (one per artefact kind)
-        chosen[f"propagation, up to {kinds} detectors"] = (DEFAULT, PropagationConfig(max_detectors=kinds))
-    for kinds in args.fixed_detectors:  # ... and with exactly N, whatever the held-out images say
-        config = PropagationConfig(max_detectors=kinds, choose_detectors=False)
-        chosen[f"propagation, {kinds} detectors"] = (DEFAULT, config)
     return chosen
 
 
@@ -84,7 +79,7 @@ def detection(
     """Mask propagation scored against the true markers (the same call fine_tune makes, so the same masks)."""
     found, report = propagate_ignore_masks(model, tensors, config, seed=seed)
     score = sim.score_propagation(found, markers, chosen, kinds)
-    return {**score, "threshold": report.threshold, "detectors": report.detectors, "skipped": report.skipped}
+    return {**score, "threshold": report.threshold, "skipped": report.skipped}
 
 
 def run_seed(seed: int, data: sim.LabelledImages, args: argparse.Namespace) -> dict:
@@ -261,10 +256,6 @@ def main() -> None:
     parser.add_argument(
         "--grow-cells", type=int, nargs="*", default=[], help="arms: the default with found masks grown by N cells"
     )
-    parser.add_argument(
-        "--detectors", type=int, nargs="*", default=[], help="arms: the default with up to N detectors (kinds)"
-    )
-    parser.add_argument("--fixed-detectors", type=int, nargs="*", default=[], help="arms: exactly N detectors")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="labels only always runs")
     parser.add_argument("--paste-rates", type=float, nargs="*", default=[], help="extra ARTEFACT_PASTE_RATE arms")
     parser.add_argument("--false-cells", type=float, nargs="*", default=[], help="extra detector threshold arms")

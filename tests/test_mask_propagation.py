@@ -7,7 +7,6 @@ of the tags; the detector must find the others and leave tag-free images alone (
 
 from __future__ import annotations
 
-import io
 from dataclasses import replace
 
 import numpy as np
@@ -17,13 +16,7 @@ import torch
 from conftest import NIH, shared_or_skip
 
 from ml_backend.train.losses import LossConfig
-from ml_backend.train.mask_propagation import (
-    ArtefactDetector,
-    PropagationConfig,
-    _artefact_cells,
-    _fit,
-    propagate_ignore_masks,
-)
+from ml_backend.train.mask_propagation import PropagationConfig, _artefact_cells, propagate_ignore_masks
 from ml_backend.train.trainer import TrainConfig, fine_tune
 
 pytestmark = pytest.mark.shared_data
@@ -129,40 +122,3 @@ def test_fine_tune_propagates_before_training_and_reports_it(tagged: dict) -> No
 
     off = fine_tune(model, small, TrainConfig(epochs=1, batch_size=32, propagation=None))
     assert off.propagation is None
-
-
-def _two_kinds(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cells of 8 masked images: background around the origin, and the artefact on either side of it (two
-    kinds, 4 images each), so no single hyperplane puts both kinds on its positive side."""
-    rows, labels, groups = [], [], []
-    for image in range(8):
-        side = 1.0 if image < 4 else -1.0
-        rows += [rng.normal([6.0 * side, 0.0], 0.5, (6, 2)), rng.normal(0.0, 1.0, (60, 2))]
-        labels += [np.ones(6), np.zeros(60)]
-        groups += [np.full(66, image)]
-    return np.concatenate(rows), np.concatenate(labels).astype(int), np.concatenate(groups)
-
-
-def test_a_mixture_detector_finds_two_kinds_one_regression_cannot() -> None:
-    x, y, g = _two_kinds(np.random.default_rng(0))
-    one, two = (_fit(x, y, g, kinds, seed=0) for kinds in (1, 2))
-    assert one.kinds == 1 and two.kinds == 2
-    left, right, background = x[(y == 1) & (g >= 4)], x[(y == 1) & (g < 4)], x[y == 0]
-    assert (two.probabilities(left) > 0.5).all() and (two.probabilities(right) > 0.5).all()
-    assert (two.probabilities(background) > 0.5).mean() < 0.05
-    # one regression gives up one side (or floods the background to keep both)
-    lost = min((one.probabilities(left) > 0.5).mean(), (one.probabilities(right) > 0.5).mean())
-    assert lost < 0.5 or (one.probabilities(background) > 0.5).mean() > 0.3
-    # too few masked images for the clusters asked: as many as two images per cluster allow
-    assert _fit(x[g < 3], y[g < 3], g[g < 3], 3, seed=0).kinds == 1
-
-
-def test_a_single_regression_detector_saved_earlier_loads_as_one_kind() -> None:
-    x, y, g = _two_kinds(np.random.default_rng(1))
-    fitted = _fit(x, y, g, 1, seed=0)
-    buffer = io.BytesIO()  # the layout versions were saved in before mixtures: 1-D coef, scalar intercept
-    np.savez(buffer, mean=fitted.mean, scale=fitted.scale, coef=fitted.coef[0], intercept=fitted.intercept[0], t=0.7)
-    loaded = ArtefactDetector.from_bytes(buffer.getvalue())
-    assert loaded.kinds == 1 and loaded.threshold == 0.7
-    assert np.allclose(loaded.probabilities(x), fitted.probabilities(x))
-    assert np.allclose(ArtefactDetector.from_bytes(fitted.to_bytes()).probabilities(x), fitted.probabilities(x))

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-from sklearn.cluster import KMeans
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
@@ -51,8 +51,6 @@ class PropagationConfig:
     margin_cells: int = 1  # cells around a mask left out of the negatives
     false_cells_per_image: float = 0.5  # held-out negative cells per image allowed over the threshold
     min_heldout_images_found: float = 0.5  # share of held-out masked images found; below it the features do not know it
-    max_detectors: int = 1  # artefact kinds the detector may split the masks into (chosen on held-out images)
-    choose_detectors: bool = True  # False: use max_detectors kinds whatever the held-out images say
     grow_cells: int = 1  # cells added around each found component: an artefact's edge straddles cells
     max_area: float = 0.15  # largest propagated mask, as a share of the image
     negatives_per_image: int = 256  # negative cells sampled per masked image for the fit
@@ -70,7 +68,6 @@ class PropagationReport:
     skipped: str = ""  # why nothing was propagated, if so
     heldout_images: int = 0  # masked images with a positive cell, each scored by a fit that did not see it
     heldout_images_seen: int = 0  # of those, the ones with at least one positive cell over the threshold
-    detectors: int = 0  # artefact kinds (one regression each) the fit chose
     seconds: float = 0.0
     rejected_images: int = 0  # images whose suggested ignore regions physicians deleted: negatives for the fit
     rejected_cells: int = 0
@@ -82,29 +79,30 @@ class PropagationReport:
 
 @dataclass(frozen=True)
 class ArtefactDetector:
-    """The fitted detector as plain arrays, saved with the version so the ranking job can suggest ignore regions
-    on unlabelled tasks (train/suggestions.py): standardised hypercolumns, then one logistic regression per kind
-    of artefact the masks showed (``coef`` (K, C), ``intercept`` (K,)); a cell's probability is the highest of
-    the K. A version saved with a single regression (1-D ``coef``) loads as K = 1."""
+    """The fitted detector as plain arrays (a standardised logistic regression on hypercolumns), saved with the
+    version so the ranking job can suggest ignore regions on unlabelled tasks (train/suggestions.py)."""
 
     mean: np.ndarray
     scale: np.ndarray
     coef: np.ndarray
-    intercept: np.ndarray | float
+    intercept: float
     threshold: float
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "coef", np.atleast_2d(np.asarray(self.coef, dtype=np.float64)))
-        object.__setattr__(self, "intercept", np.atleast_1d(np.asarray(self.intercept, dtype=np.float64)))
-
-    @property
-    def kinds(self) -> int:
-        return int(self.coef.shape[0])
+    @classmethod
+    def from_pipeline(cls, pipeline: Pipeline, threshold: float) -> ArtefactDetector:
+        scaler, regression = pipeline[0], pipeline[-1]
+        return cls(
+            np.asarray(scaler.mean_, dtype=np.float64),
+            np.asarray(scaler.scale_, dtype=np.float64),
+            np.asarray(regression.coef_[0], dtype=np.float64),
+            float(regression.intercept_[0]),
+            threshold,
+        )
 
     def probabilities(self, cells: np.ndarray) -> np.ndarray:
         """(M,) artefact probability of (M, C) hypercolumn cells."""
-        z = ((cells - self.mean) / self.scale) @ self.coef.T + self.intercept
-        return 1.0 / (1.0 + np.exp(-np.clip(z.max(axis=1), -50, 50)))
+        z = ((cells - self.mean) / self.scale) @ self.coef + self.intercept
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
@@ -114,7 +112,7 @@ class ArtefactDetector:
     @classmethod
     def from_bytes(cls, payload: bytes) -> ArtefactDetector:
         with np.load(io.BytesIO(payload), allow_pickle=False) as f:
-            return cls(f["mean"], f["scale"], f["coef"], f["intercept"], float(f["t"]))
+            return cls(f["mean"], f["scale"], f["coef"], float(f["intercept"]), float(f["t"]))
 
 
 def _stages(model: nn.Module, input_size: int) -> list[tuple[int, int]]:
@@ -177,38 +175,10 @@ def _artefact_cells(prob: np.ndarray, threshold: float, config: PropagationConfi
     return ndimage.binary_dilation(keep, structure=_IN_PLANE, iterations=config.grow_cells)
 
 
-def _fit(x: np.ndarray, y: np.ndarray, groups: np.ndarray, kinds: int, seed: int) -> ArtefactDetector:
-    """Standardise, group the masked images into ``kinds`` clusters by their mean positive hypercolumn (k-means),
-    and fit one logistic regression per cluster against every negative cell. One hyperplane has to hold tags,
-    tubes and rulers on one side at once; with masks on 10% of mixed artefacts it found 44-70% of the unmasked
-    rulers while finding 87-95% of the tags (bench/results/mechanism_grow.md)."""
-    scaler = StandardScaler().fit(x)
-    z = scaler.transform(x)
-    positive_groups = np.unique(groups[y == 1])
-    kinds = max(1, min(kinds, len(positive_groups) // 2))  # at least two masked images per cluster
-    cluster_of = dict.fromkeys(positive_groups.tolist(), 0)
-    if kinds > 1:
-        means = np.stack([z[(groups == g) & (y == 1)].mean(axis=0) for g in positive_groups])
-        assigned = KMeans(n_clusters=kinds, n_init=4, random_state=seed).fit_predict(means)
-        cluster_of = dict(zip(positive_groups.tolist(), assigned.tolist(), strict=True))
-    row_cluster = np.array([cluster_of.get(int(g), -1) for g in groups])
-    coefs, intercepts = [], []
-    for cluster in sorted(set(cluster_of.values())):
-        rows = (y == 0) | (row_cluster == cluster)
-        regression = LogisticRegression(C=0.1, class_weight="balanced", max_iter=500).fit(z[rows], y[rows])
-        coefs.append(regression.coef_[0])
-        intercepts.append(regression.intercept_[0])
-    return ArtefactDetector(scaler.mean_, scaler.scale_, np.stack(coefs), np.array(intercepts), 0.0)
-
-
-def _heldout_scores(x: np.ndarray, y: np.ndarray, g: np.ndarray, kinds: int, n_masked: int, seed: int) -> np.ndarray:
-    """Each cell's probability from a detector fitted without its image (grouped folds)."""
-    heldout = np.zeros(len(y))
-    for fit_rows, test_rows in GroupKFold(n_splits=min(5, n_masked)).split(x, y, g):
-        if y[fit_rows].min() == y[fit_rows].max():
-            continue
-        heldout[test_rows] = _fit(x[fit_rows], y[fit_rows], g[fit_rows], kinds, seed).probabilities(x[test_rows])
-    return heldout
+def _fit(features: np.ndarray, labels: np.ndarray) -> Pipeline:
+    return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=500)).fit(
+        features, labels
+    )
 
 
 def propagate_ignore_masks(
@@ -296,38 +266,34 @@ def _propagate(
         return data, report
 
     # Threshold from images the detector did not see: at most ``false_cells_per_image`` negative cells of an
-    # image over it (before the component-size filter), and at least ``min_threshold``. With ``max_detectors`` > 1
-    # the number of artefact kinds is chosen the same way: the one that finds the most held-out masked images
-    # (the fewest kinds on a tie).
+    # image over it (before the component-size filter), and at least ``min_threshold``.
+    folds = GroupKFold(n_splits=min(5, len(masked)))
+    heldout = np.zeros(len(y))
+    for fit_rows, test_rows in folds.split(x, y, g):
+        if y[fit_rows].min() == y[fit_rows].max():
+            heldout[test_rows] = 0.0
+            continue
+        heldout[test_rows] = _fit(x[fit_rows], y[fit_rows]).predict_proba(x[test_rows])[:, 1]
     quantile = 1.0 - config.false_cells_per_image / (grid[0] * grid[1])
-    masked_groups = np.unique(g[y == 1])
-    best: tuple[int, int, float, np.ndarray] | None = None
-    candidates = range(1, config.max_detectors + 1) if config.choose_detectors else [config.max_detectors]
-    for kinds in candidates:
-        scores = _heldout_scores(x, y, g, kinds, len(masked), seed)
-        cut = float(max(config.min_threshold, np.quantile(scores[y == 0], quantile)))
-        # The gate counts images, not cells: one cell over the threshold is enough for the component (dilated by
-        # a cell) to cover a small tag, while a long tube's cell recall can be low on an image it does find. With
-        # the pooled cell-recall gate, mixed artefacts at 10% masks declined in two of four seeds
-        # (bench/results/mechanism_mixed.md: found 0.38 +/- 0.45).
-        seen = len(np.unique(g[(y == 1) & (scores > cut)]))
-        if best is None or seen > best[1]:
-            best = (kinds, seen, cut, scores)
-    assert best is not None
-    kinds, seen, threshold, heldout = best
+    threshold = float(max(config.min_threshold, np.quantile(heldout[y == 0], quantile)))
     report.threshold = threshold
-    report.detectors = kinds
     report.heldout_cell_recall = float((heldout[y == 1] > threshold).mean())
+    # The gate counts images, not cells: one cell over the threshold is enough for the component (dilated by a
+    # cell) to cover a small tag, while a long tube's cell recall can be low on an image it does find. With the
+    # pooled cell-recall gate, mixed artefacts at 10% masks declined in two of four seeds
+    # (bench/results/mechanism_mixed.md: found 0.38 +/- 0.45).
+    masked_groups = np.unique(g[y == 1])
+    seen = np.unique(g[(y == 1) & (heldout > threshold)])
     report.heldout_images = len(masked_groups)
-    report.heldout_images_seen = seen
-    if seen < config.min_heldout_images_found * len(masked_groups):  # e.g. a barely trained model: noise
+    report.heldout_images_seen = len(seen)
+    if len(seen) < config.min_heldout_images_found * len(masked_groups):  # e.g. a barely trained model: noise
         report.skipped = (
-            f"the detector finds {seen} of {len(masked_groups)} held-out masked images "
+            f"the detector finds {len(seen)} of {len(masked_groups)} held-out masked images "
             f"({report.heldout_cell_recall:.0%} of their artefact cells)"
         )
         return data, report
-    detector = replace(_fit(x, y, g, kinds, seed), threshold=threshold)
-    report.detector = detector
+    detector = _fit(x, y)
+    report.detector = ArtefactDetector.from_pipeline(detector, threshold)
 
     ignore = data.ignore.clone()
     has_ignore = data.has_ignore.clone()
@@ -335,7 +301,7 @@ def _propagate(
         index = unmasked[start : start + config.batch_size]
         f = hypercolumns(model, data.images[index], config.batch_size)
         n, c, h, w = f.shape
-        prob = detector.probabilities(f.permute(0, 2, 3, 1).reshape(-1, c).numpy().astype(np.float64)).reshape(n, h, w)
+        prob = detector.predict_proba(f.permute(0, 2, 3, 1).reshape(-1, c).numpy())[:, 1].reshape(n, h, w)
         cells = _artefact_cells(prob, threshold, config)
         found = cells.any(axis=(1, 2))
         if found.any():
