@@ -16,6 +16,9 @@ from the real ChestX-Det regions where they exist. Cost model (an assumption, st
 review an image's findings, +10 s per ignore mask, +15 s per evidence mask.
 
 Run: ``.venv/bin/python bench/bench_physician.py`` (about 30-40 min on 2 CPU cores); ``--quick`` for a smoke run.
+``--base-recipe base_models_96`` builds on the clean-model recipe bench_base_models.py measured instead (both NIH
+sets, 2,337 images, 96 px, per-image standardisation, EMA: issue 16's credible models); about 75 min per fold on
+one CPU thread, so run it on a GPU with one process per fold (``--only-folds F``, then ``--resume``).
 """
 
 from __future__ import annotations
