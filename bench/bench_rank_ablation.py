@@ -49,6 +49,9 @@ def combo_name(weights: tuple[tuple[str, float], ...]) -> str:
     return "full_" + "_".join(f"{name}{value:g}" for name, value in weights)
 
 
+DEFAULT_BUDGETS = [30, 60, 120]
+
+
 def ablation_arms(signals: tuple[str, ...], combos: tuple[str, ...] = ()) -> list[physician.Arm]:
     weighted = [parse_combo(c) for c in combos]
     return [
@@ -157,7 +160,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--folds", type=int, default=5, help="patient folds the data is split into")
     parser.add_argument("--run-folds", type=int, default=3, help="how many of them to run")
-    parser.add_argument("--budgets", type=int, nargs="+", default=[30, 60, 120])
+    parser.add_argument("--budgets", type=int, nargs="+", default=DEFAULT_BUDGETS)
     parser.add_argument("--scratch-epochs", type=int, default=6)
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--backbone", default="resnet10t")
@@ -191,6 +194,9 @@ def main() -> None:
     # (--only-folds / --only-arms), each retraining the fold's seeded initial models.
     suffix = f"_split{args.split_seed}" if args.split_seed else ""
     suffix += f"_{setup.name}" if setup.recipe is not None else ""
+    # budgets other than the default grid are another experiment: their own cache and results files
+    if not args.quick and args.budgets != DEFAULT_BUDGETS:
+        suffix += "_budgets" + "-".join(map(str, args.budgets))
     cache = args.out / f".cache_rank_ablation{suffix}"
     cache.mkdir(parents=True, exist_ok=True)
     folds = []
