@@ -221,6 +221,11 @@ def report(data: dict, pooled: np.ndarray, have: np.ndarray) -> dict:
     }
 
 
+def load_recipe(name: str) -> argparse.Namespace:
+    """The recipe a run recorded in bench/results/NAME.json, as the options train_fold and load take."""
+    return argparse.Namespace(**json.loads((common.RESULTS / f"{name}.json").read_text())["recipe"])
+
+
 def build_parser(description: str) -> argparse.ArgumentParser:
     """The recipe's options, shared with the scenarios that train on the same folds (bench_imbalance.py)."""
     parser = argparse.ArgumentParser(description=description)

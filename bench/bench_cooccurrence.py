@@ -126,9 +126,9 @@ def main() -> int:
     args = parser.parse_args()
     args.augment = True
     if args.base_recipe:
-        recipe = json.loads((common.RESULTS / f"{args.base_recipe}.json").read_text())["recipe"]
+        recipe = base.load_recipe(args.base_recipe)
         for knob in RECIPE_KNOBS:
-            setattr(args, knob, recipe[knob])
+            setattr(args, knob, getattr(recipe, knob))
     args.loss = "bce"
     if args.quick:
         args.folds, args.epochs, args.finetune_epochs, args.sets, args.n_boot = 2, 1, 1, ["nih1000"], 50

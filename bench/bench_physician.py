@@ -113,7 +113,7 @@ def load_setup(args: argparse.Namespace) -> Setup:
             sys.exit(f"{DATA} is absent: this benchmark needs ../shared/data/nih1000")
         return Setup(sim.load_manifest_folder(DATA), sim.ModelSpec(backbone=args.backbone))
     common.require_shared()
-    recipe = argparse.Namespace(**json.loads((RESULTS / f"{name}.json").read_text())["recipe"])
+    recipe = base.load_recipe(name)
     if args.quick:  # the pipeline, not the numbers
         recipe.epochs = 1
     raw = base.load(recipe.size, recipe.sets, recipe.norm)
