@@ -34,7 +34,8 @@ class _Env:
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """What one training job does (README: TRAIN_*, *_LOSS_WEIGHT, COUNTERFACTUALS, MASK_PROPAGATION)."""
+    """What one training job does (README: TRAIN_*, *_LOSS_WEIGHT, COUNTERFACTUALS, MASK_PROPAGATION,
+    DECORRELATE_COOCCURRENCE)."""
 
     epochs: int = 5
     batch_size: int = 16
@@ -45,6 +46,7 @@ class TrainingSettings:
     counterfactuals: bool = True
     artefact_paste_rate: float = 0.5
     mask_propagation: bool = True
+    decorrelate_cooccurrence: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> TrainingSettings:
@@ -59,6 +61,7 @@ class TrainingSettings:
             counterfactuals=e.flag("COUNTERFACTUALS", True),
             artefact_paste_rate=e.number("ARTEFACT_PASTE_RATE", 0.5),
             mask_propagation=e.flag("MASK_PROPAGATION", True),
+            decorrelate_cooccurrence=e.flag("DECORRELATE_COOCCURRENCE", False),
         )
 
 

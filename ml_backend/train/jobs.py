@@ -53,6 +53,7 @@ def train_config(training: TrainingSettings) -> TrainConfig:
         evidence_weight=training.evidence_weight,
         counterfactuals=training.counterfactuals,
         artefact_paste_rate=training.artefact_paste_rate,
+        decorrelate_cooccurrence=training.decorrelate_cooccurrence,
     )
     return TrainConfig(
         epochs=training.epochs,
@@ -278,6 +279,7 @@ def _train_snapshot(
         "masked_evidence_pairs": int(trained.train_data.has_evidence.sum()),
         "history": trained.run.history,
         "mask_propagation": trained.run.propagation.to_json() if trained.run.propagation else None,
+        "decorrelated_pairs": [pair.describe(labels) for pair in trained.run.decorrelated],
         "suggested_ignore": trained.suggested_ignore,
         "config": trained.config.to_json(),
         "duration_s": round(time.time() - started, 2),

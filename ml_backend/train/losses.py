@@ -34,6 +34,9 @@ class LossConfig:
     counterfactuals: bool = True
     artefact_paste_rate: float = 0.5
     max_pos_weight: float = 20.0
+    # Reweigh each finding's loss column so it is independent of its strongest co-occurring partner
+    # (reweighting.py); applies to "bce" and "wbce" (timm's ASL takes no per-element weights).
+    decorrelate_cooccurrence: bool = False
 
 
 def positive_weights(targets: torch.Tensor, cap: float) -> torch.Tensor:
@@ -44,15 +47,20 @@ def positive_weights(targets: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 def prediction_loss(
-    logits: torch.Tensor, targets: torch.Tensor, config: LossConfig, pos_weight: torch.Tensor
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    config: LossConfig,
+    pos_weight: torch.Tensor,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """``weight``: optional (N, K) per-element weights (the decorrelating weights), BCE losses only."""
     if config.prediction == "asl":
         # timm's ASL sums over the batch; divide to keep the scale of a mean loss.
         return AsymmetricLossMultiLabel(gamma_neg=4, gamma_pos=0, clip=0.05)(logits, targets) / logits.numel()
     if config.prediction == "bce":
-        return F.binary_cross_entropy_with_logits(logits, targets)
+        return F.binary_cross_entropy_with_logits(logits, targets, weight=weight)
     if config.prediction == "wbce":
-        return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight)
+        return F.binary_cross_entropy_with_logits(logits, targets, weight=weight, pos_weight=pos_weight)
     raise ValueError(f"unknown prediction loss {config.prediction!r} (wbce, asl or bce)")
 
 

@@ -26,6 +26,7 @@ from ml_backend.train.losses import (
     relative,
 )
 from ml_backend.train.mask_propagation import PropagationConfig, PropagationReport, propagate_ignore_masks
+from ml_backend.train.reweighting import DecorrelatedPair, DecorrelationConfig, decorrelating_weights
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class TrainConfig:
     # Find the physician-marked artefacts in the unmasked images before training (mask_propagation.py);
     # None = train on the physicians' masks alone.
     propagation: PropagationConfig | None = field(default_factory=PropagationConfig)
+    decorrelation: DecorrelationConfig = field(default_factory=DecorrelationConfig)  # used when the loss asks
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,6 +55,7 @@ class TrainConfig:
 class TrainingRun:
     history: list[dict[str, float]]  # one entry per epoch
     propagation: PropagationReport | None = None  # None when no ignore mask reached the training set
+    decorrelated: list[DecorrelatedPair] = field(default_factory=list)  # loss columns reweighted, if any
 
 
 def heatmap_grid(model: nn.Module, input_size: int) -> tuple[int, int]:
@@ -82,8 +85,10 @@ def train_step(
     batch: ExampleTensors,
     config: LossConfig,
     pos_weight: torch.Tensor,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss for one batch; double backpropagation only over the images that carry an ignore mask."""
+    """Loss for one batch; double backpropagation only over the images that carry an ignore mask. ``weight``:
+    the batch's (N, K) decorrelating loss weights, if any."""
     masked = batch.has_ignore
     images = batch.images
     parts: dict[str, float] = {}
@@ -108,7 +113,7 @@ def train_step(
     else:
         features = explainer.features(images)
     logits, cams = explainer.logits_and_cams_from_features(features)
-    pred = prediction_loss(logits, batch.targets, config, pos_weight)
+    pred = prediction_loss(logits, batch.targets, config, pos_weight, weight)
     total = pred
     parts["prediction"] = float(pred.detach())
     if x_masked is not None:
@@ -147,6 +152,12 @@ def fine_tune(
     generator = torch.Generator().manual_seed(config.seed)
     # The bank holds what physicians painted only: propagated masks are the detector's guesses.
     bank = ArtefactBank.from_examples(data) if config.loss.counterfactuals else None
+    weights: torch.Tensor | None = None
+    decorrelated: list[DecorrelatedPair] = []
+    if config.loss.decorrelate_cooccurrence and config.loss.prediction in ("bce", "wbce"):
+        weights, decorrelated = decorrelating_weights(data.targets, config.decorrelation)
+        if not decorrelated:
+            weights = None
     propagation: PropagationReport | None = None
     if config.propagation is not None and bool(data.has_ignore.any()):
         if progress:
@@ -177,7 +188,8 @@ def fine_tune(
             )
             if bank is not None:
                 batch = counterfactual_batch(batch, bank, generator, config.loss.artefact_paste_rate)
-            loss, parts = train_step(explainer, batch, config.loss, pos_weight)
+            batch_weight = None if weights is None else weights[index].to(device)
+            loss, parts = train_step(explainer, batch, config.loss, pos_weight, batch_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -190,7 +202,7 @@ def fine_tune(
         if progress:
             progress({"stage": "training", "epoch": epoch + 1, "epochs": config.epochs, "loss": record.get("total")})
     model.eval()
-    return TrainingRun(history, propagation)
+    return TrainingRun(history, propagation, decorrelated)
 
 
 @torch.no_grad()
