@@ -101,17 +101,40 @@ def cooccurrence_table() -> list[str]:
     run = _load("cooccurrence")
     if run is None:
         return []
-    pair, ci = run["pair"], run["intervals_95"]
-    return [
+    pair, every = run["pair"], run.get("intervals_95_all", {})
+    # older results files have one fine-tuned arm, "full", under unsuffixed keys
+    arms = [a for a in ("full", "decorrelated") if f"eod_{a}" in run and f"eod_reduction_pct_{a}" in run]
+    names = {"full": "attention loss", "decorrelated": "attention loss + decorrelating weights"}
+    product = run.get("product_arm", "full")
+
+    def change(key: str, arm: str, unit: str) -> str:
+        value, interval = run[f"{key}_{arm}"], every.get(f"{key}_{arm}")
+        if value is None:
+            return "n/a"
+        text = f"{value:+.1f}{unit}" + ("" if interval is None else f" [{interval[0]:+.1f}, {interval[1]:+.1f}]")
+        return text + (" **(excludes 0)**" if interval and (interval[0] > 0 or interval[1] < 0) else "")
+
+    rows = [
         f"| co-occurrence: {pair['finding']} trained nearly always with {pair['partner']}, decorrelated test | "
-        "baseline | full system | change, 95% interval |",
-        "|---|---|---|---|",
-        f"| Equalized Odds difference over the {pair['partner']} group | {run['eod_baseline']:.3f} | "
-        f"{run['eod_full']:.3f} | {run['eod_reduction_pct']:+.1f}% reduction "
-        f"[{ci['eod_reduction_pct'][0]:+.1f}, {ci['eod_reduction_pct'][1]:+.1f}] |",
-        f"| {pair['finding']} F1 | {run['f1_baseline']:.3f} | {run['f1_full']:.3f} | "
-        f"{run['f1_gain_points']:+.1f} points [{ci['f1_gain_points'][0]:+.1f}, {ci['f1_gain_points'][1]:+.1f}] |",
+        f"Equalized Odds difference over the {pair['partner']} group | change (% reduction), 95% interval | "
+        f"{pair['finding']} F1 | change (points), 95% interval |",
+        "|---|---|---|---|---|",
+        f"| baseline (BCE) | {run['eod_baseline']:.3f} | | {run['f1_baseline']:.3f} | |",
     ]
+    for arm in arms or ["full"]:
+        keyed = bool(arms)
+        eod, f1 = run[f"eod_{arm}"], run[f"f1_{arm}"]
+        rows.append(
+            f"| {names[arm]}{' (product default)' if arm == product else ''} | {eod:.3f} | "
+            f"{change('eod_reduction_pct', arm, '%') if keyed else _legacy(run, 'eod_reduction_pct', '%')} | "
+            f"{f1:.3f} | {change('f1_gain_points', arm, '') if keyed else _legacy(run, 'f1_gain_points', '')} |"
+        )
+    return rows
+
+
+def _legacy(run: dict[str, Any], key: str, unit: str) -> str:
+    lo, hi = run["intervals_95"][key]
+    return f"{run[key]:+.1f}{unit} [{lo:+.1f}, {hi:+.1f}]"
 
 
 def block() -> str:
