@@ -69,6 +69,8 @@ def test_rank_ablation_quick_mode(tmp_path: Path) -> None:
         assert result["pooled"]["full"] is not None and 0 <= result["pooled"]["full"] <= 20
     for arm in expected:
         assert len(result["per_fold"][arm]) == 1 and -1.0 <= result["final_delta_p"][arm][0] <= 1.0
+        curve = result["delta_p_curves"][arm][0]  # one ΔP per budget, the last being the final one
+        assert len(curve) == 2 and curve[-1] == result["final_delta_p"][arm][0]
     table = (tmp_path / "rank_ablation.md").read_text()
     assert all(f"| {arm} |" in table for arm in expected)
 
@@ -89,6 +91,12 @@ def test_cooccurrence_quick_mode(tmp_path: Path) -> None:
     assert result["pair"] == {"finding": "Atelectasis", "partner": "Effusion"}
     assert set(result["intervals_95"]) == {"eod_reduction_pct", "f1_gain_points"}
     assert all(p >= 0.8 for p in result["train_p_partner_given_finding"])  # A nearly always comes with B
+    # both fine-tuned arms from one baseline per fold, the headline keys being the product default's
+    assert result["product_arm"] in ("full", "decorrelated")
+    for arm in ("full", "decorrelated"):
+        assert f"eod_reduction_pct_{arm}" in result and f"f1_gain_points_{arm}" in result
+    assert result["eod_reduction_pct"] == result[f"eod_reduction_pct_{result['product_arm']}"]
+    assert result["baseline_reproduced_max_abs_diff"] == 0.0 and len(result["decorrelated_pairs_per_fold"]) >= 1
 
 
 def test_imbalance_quick_mode(tmp_path: Path) -> None:
