@@ -167,6 +167,12 @@ def main() -> int:
         "by BCE, the baseline's definition), e.g. base_models_96; the recipe options above are then ignored",
     )
     parser.add_argument("--only-folds", type=int, nargs="+", help="compute only these folds (parallel processes)")
+    parser.add_argument(
+        "--out-name",
+        default="cooccurrence",
+        help="results file name; another name (another pair) keeps summary.json's 'cooccurrence' and goes under "
+        "'cooccurrence_other_pairs'",
+    )
     args = parser.parse_args()
     args.augment = True
     if args.base_recipe:
@@ -332,7 +338,7 @@ def main() -> int:
     gain = lambda k: (iv := intervals.get(k)) is not None and (iv[0] > 0 or iv[1] < 0)  # noqa: E731
     sections = [
         f"Pair: {args.pair[0]} (finding) with {args.pair[1]} (partner); training keeps {args.keep_a_without_b:.0%} of "
-        f"the {args.pair[0]}-without-{args.pair[1]} images; test folds decorrelated; {args.folds} patient folds.",
+        f"the {args.pair[0]}-without-{args.pair[1]} images; test folds decorrelated; {args.folds} patient folds.\n",
         common.md_table(
             ["arm", "metric", "baseline", "arm's value", "change", "95% interval", "interval excludes 0"],
             [
@@ -359,11 +365,17 @@ def main() -> int:
     ]
     out.mkdir(parents=True, exist_ok=True)
     if out == common.RESULTS:
-        common.write_results("cooccurrence", "Co-occurrence scenario", sections, result)
+        common.write_results(args.out_name, "Co-occurrence scenario", sections, result)
         keys = ("pair", "eod_reduction_pct", "f1_gain_points", "intervals_95", "product_arm", "command")
-        common.update_summary({"cooccurrence": {k: result[k] for k in keys} | {"arms": arm_summary(result)}})
+        entry = {k: result[k] for k in keys} | {"arms": arm_summary(result)}
+        if args.out_name == "cooccurrence":
+            common.update_summary({"cooccurrence": entry})
+        else:
+            summary = common.RESULTS / "summary.json"
+            others = json.loads(summary.read_text()).get("cooccurrence_other_pairs", {}) if summary.exists() else {}
+            common.update_summary({"cooccurrence_other_pairs": others | {args.out_name: entry}})
     else:
-        (out / "cooccurrence.json").write_text(json.dumps(result, indent=1, default=str))
+        (out / f"{args.out_name}.json").write_text(json.dumps(result, indent=1, default=str))
     return 0
 
 
