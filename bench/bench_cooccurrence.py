@@ -27,6 +27,7 @@ import json
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -170,8 +171,7 @@ def main() -> int:
     parser.add_argument(
         "--out-name",
         default="cooccurrence",
-        help="results file name; another name (another pair) keeps summary.json's 'cooccurrence' and goes under "
-        "'cooccurrence_other_pairs'",
+        help="results file name and summary.json key (another pair: another name, so 'cooccurrence' stays)",
     )
     args = parser.parse_args()
     args.augment = True
@@ -234,9 +234,7 @@ def main() -> int:
         initial = copy.deepcopy(baseline.state_dict())
 
         split = (data["images"][val_idx], labels[val_idx], data["images"][test_idx])
-
-        def fine_tuned(decorrelate: bool) -> tuple[np.ndarray, np.ndarray, list]:
-            return fine_tune_arm(baseline, initial, tensors, spec, args, fold, split, decorrelate)  # noqa: B023
+        fine_tuned = partial(fine_tune_arm, baseline, initial, tensors, spec, args, fold, split)  # (decorrelate)
 
         baseline_p = sim.probabilities(baseline, spec, data["images"][test_idx])
         if cached is None:
@@ -367,13 +365,8 @@ def main() -> int:
     if out == common.RESULTS:
         common.write_results(args.out_name, "Co-occurrence scenario", sections, result)
         keys = ("pair", "eod_reduction_pct", "f1_gain_points", "intervals_95", "product_arm", "command")
-        entry = {k: result[k] for k in keys} | {"arms": arm_summary(result)}
-        if args.out_name == "cooccurrence":
-            common.update_summary({"cooccurrence": entry})
-        else:
-            summary = common.RESULTS / "summary.json"
-            others = json.loads(summary.read_text()).get("cooccurrence_other_pairs", {}) if summary.exists() else {}
-            common.update_summary({"cooccurrence_other_pairs": others | {args.out_name: entry}})
+        # another pair (--out-name) gets its own key, so the "cooccurrence" keeps the pair it names
+        common.update_summary({args.out_name: {k: result[k] for k in keys} | {"arms": arm_summary(result)}})
     else:
         (out / f"{args.out_name}.json").write_text(json.dumps(result, indent=1, default=str))
     return 0

@@ -113,6 +113,18 @@ def reach(folds: list[dict], arms: list[str], budgets: list[int]) -> dict:
     }
 
 
+def summary_entry(result: dict, suffix: str = "") -> dict:
+    """summary.json's key for one ablation run: ``rank_ablation`` plus the results file's suffix."""
+    return {
+        f"rank_ablation{suffix}": {
+            "annotations_to_90pct_of_full_reduction": result["pooled"],
+            "per_fold": result["per_fold"],
+            "commands": result["commands"],
+            "results": f"bench/results/rank_ablation{suffix}.md",
+        }
+    }
+
+
 def write_outputs(result: dict, out: Path, suffix: str = "") -> None:
     (out / f"rank_ablation{suffix}.json").write_text(json.dumps(result, indent=1))
     budget_cap = result["budgets"][-1]
@@ -238,17 +250,8 @@ def main() -> None:
         "machine": "; ".join(sorted({m for f in folds for m in f["machines"]})),
     }
     write_outputs(result, args.out, suffix)
-    if args.out == RESULTS and not suffix:  # summary.json keeps the other benchmarks' keys
-        common.update_summary(
-            {
-                "rank_ablation": {
-                    "annotations_to_90pct_of_full_reduction": result["pooled"],
-                    "per_fold": result["per_fold"],
-                    "commands": result["commands"],
-                    "results": "bench/results/rank_ablation.md",
-                }
-            }
-        )
+    if args.out == RESULTS:  # one key per split and budget grid; summary.json keeps the other benchmarks' keys
+        common.update_summary(summary_entry(result, suffix))
     print(json.dumps({k: result[k] for k in ("pooled", "final_delta_p")}, indent=1))
 
 

@@ -101,11 +101,8 @@ def cooccurrence_table() -> list[str]:
     run = _load("cooccurrence")
     if run is None:
         return []
-    pair, every = run["pair"], run.get("intervals_95_all", {})
-    # older results files have one fine-tuned arm, "full", under unsuffixed keys
-    arms = [a for a in ("full", "decorrelated") if f"eod_{a}" in run and f"eod_reduction_pct_{a}" in run]
+    pair, every, product = run["pair"], run["intervals_95_all"], run["product_arm"]
     names = {"full": "attention loss", "decorrelated": "attention loss + decorrelating weights"}
-    product = run.get("product_arm", "full")
 
     def change(key: str, arm: str, unit: str) -> str:
         value, interval = run[f"{key}_{arm}"], every.get(f"{key}_{arm}")
@@ -121,20 +118,12 @@ def cooccurrence_table() -> list[str]:
         "|---|---|---|---|---|",
         f"| baseline (BCE) | {run['eod_baseline']:.3f} | | {run['f1_baseline']:.3f} | |",
     ]
-    for arm in arms or ["full"]:
-        keyed = bool(arms)
-        eod, f1 = run[f"eod_{arm}"], run[f"f1_{arm}"]
+    for arm, name in names.items():
         rows.append(
-            f"| {names[arm]}{' (product default)' if arm == product else ''} | {eod:.3f} | "
-            f"{change('eod_reduction_pct', arm, '%') if keyed else _legacy(run, 'eod_reduction_pct', '%')} | "
-            f"{f1:.3f} | {change('f1_gain_points', arm, '') if keyed else _legacy(run, 'f1_gain_points', '')} |"
+            f"| {name}{' (product default)' if arm == product else ''} | {run[f'eod_{arm}']:.3f} | "
+            f"{change('eod_reduction_pct', arm, '%')} | {run[f'f1_{arm}']:.3f} | {change('f1_gain_points', arm, '')} |"
         )
     return rows
-
-
-def _legacy(run: dict[str, Any], key: str, unit: str) -> str:
-    lo, hi = run["intervals_95"][key]
-    return f"{run[key]:+.1f}{unit} [{lo:+.1f}, {hi:+.1f}]"
 
 
 def block() -> str:

@@ -49,14 +49,8 @@ class DecorrelatedPair:
 
 def phi_matrix(targets: torch.Tensor) -> torch.Tensor:
     """(K, K) phi coefficients (Pearson correlation of binary columns); 0 where a column is constant."""
-    y = (targets > 0.5).double()
-    centred = y - y.mean(dim=0, keepdim=True)
-    cov = centred.T @ centred / max(len(y), 1)
-    sd = cov.diagonal().clamp_min(0).sqrt()
-    denom = sd[:, None] * sd[None, :]
-    phi = torch.where(denom > 0, cov / denom.clamp_min(1e-12), torch.zeros_like(cov))
-    phi.fill_diagonal_(0.0)
-    return phi
+    phi = torch.corrcoef((targets > 0.5).double().T).nan_to_num(0.0)  # a constant column gives NaN: no partner
+    return torch.atleast_2d(phi).fill_diagonal_(0.0)
 
 
 def decorrelating_weights(
