@@ -162,8 +162,15 @@ def physician_sees_marker(cam: np.ndarray, probs: np.ndarray, marker: np.ndarray
     return False
 
 
-def run_fold(fold: int, setup: Setup, args: argparse.Namespace, arms: list[Arm] = ARMS) -> dict:
+def run_fold(
+    fold: int, setup: Setup, args: argparse.Namespace, arms: list[Arm] = ARMS, checkpoint: Path | None = None
+) -> dict:
+    """One fold: the initial and clean models, then every arm's rounds. With ``checkpoint``, the initial models
+    and each finished arm are saved there as they come, and a rerun continues from them: a 96 px fold takes over
+    an hour on one CPU thread, and an interrupted one would otherwise start over. Arms are seeded by the fold
+    alone, so an arm computed after a resume equals the one an uninterrupted run computes."""
     started = time.time()
+    saved = torch.load(checkpoint, weights_only=False) if checkpoint is not None and checkpoint.exists() else None
     data, spec = setup.data, setup.spec
     # another split seed gives an independent replicate (other test folds, training sets and marker draws)
     folds = sim.patient_folds(data.patients, args.folds, seed=getattr(args, "split_seed", 0))
@@ -201,23 +208,37 @@ def run_fold(fold: int, setup: Setup, args: argparse.Namespace, arms: list[Arm] 
         sim.train(model, tensors, replace(spec.scratch, loss=loss, epochs=args.scratch_epochs), seed)
         return model.eval()
 
-    initial = {"bce": scratch("bce", train_images, fold), "wbce": scratch("wbce", train_images, fold)}
-    # the marker-free model: with a recipe, the one bench_base_models measured (issue 16 part 1)
-    clean = scratch(None, train.images, fold)
-    out = {
-        "fold": fold,
-        "test_idx": test_idx.tolist(),
-        "clean": measure(clean),
-        "initial": {name: measure(m) for name, m in initial.items()},
-        "arms": {},
-    }
-    print(
-        f"fold {fold}: initial models in {time.time() - started:.0f}s; "
-        f"ΔP bce {out['initial']['bce']['dp'].mean():.3f} clean {out['clean']['dp'].mean():.3f}",
-        flush=True,
-    )
+    def save(out: dict, initial: dict[str, torch.nn.Module]) -> None:
+        if checkpoint is not None:  # written whole, then renamed: a kill mid-write leaves the previous one
+            partial = checkpoint.with_suffix(".tmp")
+            torch.save({"out": {**out, "seconds": out["seconds"] + time.time() - started}, "initial": initial}, partial)
+            partial.replace(checkpoint)
+
+    if saved is not None:
+        out, initial = saved["out"], saved["initial"]
+        print(f"fold {fold}: resumed with arms {sorted(out['arms'])} done", flush=True)
+    else:
+        initial = {"bce": scratch("bce", train_images, fold), "wbce": scratch("wbce", train_images, fold)}
+        # the marker-free model: with a recipe, the one bench_base_models measured (issue 16 part 1)
+        clean = scratch(None, train.images, fold)
+        out = {
+            "fold": fold,
+            "test_idx": test_idx.tolist(),
+            "clean": measure(clean),
+            "initial": {name: measure(m) for name, m in initial.items()},
+            "arms": {},
+            "seconds": 0.0,  # compute so far, over every process that worked on this fold
+        }
+        print(
+            f"fold {fold}: initial models in {time.time() - started:.0f}s; "
+            f"ΔP bce {out['initial']['bce']['dp'].mean():.3f} clean {out['clean']['dp'].mean():.3f}",
+            flush=True,
+        )
+        save(out, initial)
 
     for arm in arms:
+        if arm.name in out["arms"]:
+            continue
         model = copy.deepcopy(initial[arm.initial])
         annotated: list[int] = []
         ignore: dict[int, np.ndarray] = {}
@@ -290,7 +311,8 @@ def run_fold(fold: int, setup: Setup, args: argparse.Namespace, arms: list[Arm] 
             + " ".join(f"[{r['budget']}: ΔP {r['delta_p']:.3f} ign {r['ignore_masks']}]" for r in rounds),
             flush=True,
         )
-    out["seconds"] = time.time() - started
+        save(out, initial)
+    out["seconds"] += time.time() - started
     return out
 
 
@@ -623,8 +645,12 @@ def main() -> None:
                 path.write_bytes(pickle.dumps(cached))
             folds.append(cached)
             continue
-        folds.append(run_fold(f, setup, args))
+        checkpoint = cache / f"fold{f}.partial.pt"
+        if not args.resume:
+            checkpoint.unlink(missing_ok=True)
+        folds.append(run_fold(f, setup, args, checkpoint=checkpoint))
         path.write_bytes(pickle.dumps(folds[-1]))
+        checkpoint.unlink(missing_ok=True)
     if len(folds) < (args.run_folds or args.folds):
         print(f"{len(folds)} folds cached so far; summarise once all are done (--resume)")
         return

@@ -145,3 +145,32 @@ def test_physician_setup_from_a_base_recipe() -> None:
     with torch.no_grad():
         probs = physician.sim.probabilities(model, setup.spec, setup.data.images[64:80])
     assert probs.shape == (16, len(base.FINDINGS)) and np.isfinite(probs).all()
+
+
+def test_physician_fold_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    """A fold interrupted after some arms continues from its checkpoint (the initial models and the finished
+    arms, as saved) and computes the remaining arms exactly as an uninterrupted run does."""
+    import argparse
+
+    import bench_physician as physician
+    import numpy as np
+
+    shared_or_skip(NIH)
+    args = argparse.Namespace(folds=5, budgets=[10], scratch_epochs=1, finetune_epochs=1, device="cpu")
+    setup = physician.Setup(physician.sim.load_manifest_folder(NIH), physician.sim.ModelSpec())
+    baseline, imbalance = physician.ARMS[0], physician.ARMS[1]
+    checkpoint = tmp_path / "fold0.partial.pt"
+
+    first = physician.run_fold(0, setup, args, [baseline], checkpoint=checkpoint)
+    assert checkpoint.exists() and set(first["arms"]) == {"baseline"}
+    resumed = physician.run_fold(0, setup, args, [baseline, imbalance], checkpoint=checkpoint)
+    straight = physician.run_fold(0, setup, args, [baseline, imbalance])
+
+    assert set(resumed["arms"]) == {"baseline", "imbalance"}
+    assert resumed["seconds"] > first["seconds"] > 0  # compute adds up over the processes that worked on it
+    for name in ("baseline", "imbalance"):
+        for got, want in zip(resumed["arms"][name], straight["arms"][name], strict=True):
+            assert got["budget"] == want["budget"] and got["ignore_masks"] == want["ignore_masks"]
+            np.testing.assert_array_equal(got["dp"], want["dp"])
+            np.testing.assert_array_equal(got["p"], want["p"])
+    np.testing.assert_array_equal(resumed["initial"]["wbce"]["p"], straight["initial"]["wbce"]["p"])
