@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fairlearn.metrics import equalized_odds_difference
 from sklearn.metrics import f1_score
 
@@ -25,8 +26,11 @@ from ml_backend.measure.metrics import (
     equalized_odds,
     evaluate_version,
     per_finding_metrics,
+    phi_coefficients,
     polygon_mask,
+    strongest_partners,
 )
+from ml_backend.train.reweighting import decorrelating_weights
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MANIFEST = SHARED / "data" / "nih1000" / "manifest.json"
@@ -160,7 +164,7 @@ def _cooc_case() -> tuple[np.ndarray, list[str]]:
     return np.array(rows, bool), labels
 
 
-def test_cooccurrence_groups_pick_most_frequent_partner() -> None:
+def test_cooccurrence_groups_pick_the_most_associated_partner() -> None:
     y, labels = _cooc_case()
     groups = cooccurrence_groups(y, labels, min_support=5)
     assert set(groups) == {"Effusion", "Atelectasis"}  # Nodule shares only 3 images with Effusion
@@ -168,6 +172,28 @@ def test_cooccurrence_groups_pick_most_frequent_partner() -> None:
     assert partner == "Atelectasis"
     assert (grp == "Atelectasis present").sum() == 15 and (grp == "Atelectasis absent").sum() == 25
     assert cooccurrence_groups(y, labels, min_support=3)["Nodule"][0] == "Effusion"
+
+
+def test_partner_is_the_association_not_the_commonest_companion() -> None:
+    """A common finding shares the most images with A without being associated with it; the partner is the
+    finding whose presence changes A's odds (phi), the one training decorrelates A from."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    infiltration = rng.random(n) < 0.8  # common, independent of the rest
+    effusion = rng.random(n) < 0.15
+    atelectasis = np.where(effusion, rng.random(n) < 0.6, rng.random(n) < 0.05)  # mostly alongside effusion
+    y = np.stack([atelectasis, effusion, infiltration], axis=1)
+    labels = ["Atelectasis", "Effusion", "Infiltration"]
+    counts = y.T.astype(int) @ y.astype(int)
+    assert counts[0, 2] > counts[0, 1]  # Infiltration is Atelectasis's most frequent companion...
+    assert cooccurrence_groups(y, labels)["Atelectasis"][0] == "Effusion"  # ...Effusion its partner
+    partners = strongest_partners(y, min_support=5, min_phi=0.2)
+    assert set(partners) == {0, 1} and partners[0][0] == 1 and partners[1][0] == 0
+    assert partners[0][1] == pytest.approx(phi_coefficients(y)[0, 1]) and partners[0][1] > 0.4
+    assert 2 not in partners  # Infiltration's best phi is near zero: no partner at all
+    # the weights training uses pick the same pair
+    weights, pairs = decorrelating_weights(torch.from_numpy(y.astype(np.float32)))
+    assert {(p.finding, p.partner) for p in pairs} == {(0, 1), (1, 0)}
 
 
 def test_cooccurrence_eod_detects_partner_shortcut() -> None:

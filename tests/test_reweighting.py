@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from ml_backend.measure.metrics import phi_coefficients
 from ml_backend.models.classifier import build_classifier
 from ml_backend.train.examples import ExampleTensors
 from ml_backend.train.losses import LossConfig
-from ml_backend.train.reweighting import DecorrelationConfig, decorrelating_weights, phi_matrix
+from ml_backend.train.reweighting import DecorrelationConfig, decorrelating_weights
 from ml_backend.train.trainer import TrainConfig, fine_tune
 
 
@@ -65,7 +66,8 @@ def test_degenerate_label_sets_give_unit_weights() -> None:
     for y in (torch.zeros(0, 3), torch.zeros(10, 1), torch.zeros(10, 3), torch.ones(10, 3)):
         weights, pairs = decorrelating_weights(y)
         assert weights.shape == y.shape and not pairs and bool((weights == 1).all())
-    assert bool((phi_matrix(torch.ones(5, 2)) == 0).all())
+    assert bool((phi_coefficients(np.ones((5, 2), bool)) == 0).all())
+    assert phi_coefficients(np.ones((1, 3), bool)).shape == (3, 3)  # one image: no association at all
 
 
 def test_trainer_reports_the_decorrelated_pairs_and_trains() -> None:

@@ -20,7 +20,9 @@ from .metrics import (
     equalized_odds,
     evaluate_version,
     per_finding_metrics,
+    phi_coefficients,
     polygon_mask,
+    strongest_partners,
 )
 
 __all__ = [
@@ -36,7 +38,9 @@ __all__ = [
     "equalized_odds",
     "evaluate_version",
     "per_finding_metrics",
+    "phi_coefficients",
     "polygon_mask",
+    "strongest_partners",
     "render_report_html",
     "write_report",
 ]

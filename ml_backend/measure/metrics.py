@@ -63,7 +63,9 @@ __all__ = [
     "fairness_coverage",
     "patient_groups",
     "per_finding_metrics",
+    "phi_coefficients",
     "polygon_mask",
+    "strongest_partners",
 ]
 
 #: Key under which :func:`evaluate_version` stores the co-occurrence fairness next to the caller's attributes.
@@ -322,23 +324,54 @@ def equalized_odds(
     return out
 
 
+def phi_coefficients(y_true: ArrayLike) -> np.ndarray:
+    """(K, K) phi coefficients of the binary label columns (their Pearson correlation); 0 on the diagonal and
+    wherever a column is constant (no association to speak of)."""
+    yt = _as_2d(y_true, bool).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a constant column has no spread: NaN, then 0
+        phi = np.atleast_2d(np.corrcoef(yt.T)) if len(yt) > 1 else np.zeros((yt.shape[1], yt.shape[1]))
+    phi = np.nan_to_num(phi, nan=0.0)
+    np.fill_diagonal(phi, 0.0)
+    return phi
+
+
+def strongest_partners(y_true: ArrayLike, min_support: int = 5, min_phi: float = 0.0) -> dict[int, tuple[int, float]]:
+    """For each finding A (by column), the finding B it is most associated with: the highest phi coefficient
+    among the findings sharing at least ``min_support`` images with A, kept when it is positive and at least
+    ``min_phi``. Returns ``{a: (b, phi)}``; ties go to the first in label order.
+
+    Association, not raw co-occurrence: a common finding such as Infiltration shares the most images with
+    everything without being anyone's partner. The version report's co-occurrence groups and the training's
+    decorrelating weights (``train/reweighting.py``) both use this, so a report measures a finding against the
+    partner that training decorrelated it from.
+    """
+    yt = _as_2d(y_true, bool)
+    counts = yt.T.astype(np.int64) @ yt.astype(np.int64)
+    phi = phi_coefficients(yt)
+    out: dict[int, tuple[int, float]] = {}
+    for a in range(yt.shape[1]):
+        eligible = counts[a] >= max(min_support, 1)
+        eligible[a] = False
+        if not eligible.any():
+            continue
+        b = int(np.argmax(np.where(eligible, phi[a], -np.inf)))
+        if phi[a, b] > 0 and phi[a, b] >= min_phi:
+            out[a] = (b, float(phi[a, b]))
+    return out
+
+
 def cooccurrence_groups(
     y_true: ArrayLike, labels: Sequence[str], min_support: int = 5
 ) -> dict[str, tuple[str, np.ndarray]]:
-    """For each finding A, its most frequent co-occurring finding B and the per-image groups
+    """For each finding A, its partner B (:func:`strongest_partners`) and the per-image groups
     ``"B present"``/``"B absent"`` (from the true labels). Findings that share fewer than ``min_support``
-    images with any other finding are omitted (their gap would be noise)."""
+    images with every positively associated finding are omitted (their gap would be noise)."""
     yt = _as_2d(y_true, bool)
     labels = list(labels)
-    counts = yt.T.astype(np.int64) @ yt.astype(np.int64)
-    np.fill_diagonal(counts, -1)
     out: dict[str, tuple[str, np.ndarray]] = {}
-    for a, name in enumerate(labels):
-        b = int(np.argmax(counts[a]))  # ties -> first in label order
-        if len(labels) < 2 or counts[a, b] < max(min_support, 1):
-            continue
+    for a, (b, _) in strongest_partners(yt, min_support).items():
         partner = labels[b]
-        out[name] = (partner, np.where(yt[:, b], f"{partner} present", f"{partner} absent"))
+        out[labels[a]] = (partner, np.where(yt[:, b], f"{partner} present", f"{partner} absent"))
     return out
 
 

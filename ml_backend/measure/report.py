@@ -83,8 +83,9 @@ LEGEND = [
     ),
     (
         "EOD · co-occurrence",
-        "The same gap for finding A between images with and without its most frequent "
-        "companion finding B: high means the model uses B as evidence for A.",
+        "The same gap for finding A between images with and without its partner B, the finding most "
+        "associated with A in the labels (phi coefficient; the pair training decorrelates): high means the "
+        "model uses B as evidence for A.",
     ),
     (
         "P(B | A)",

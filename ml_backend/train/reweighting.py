@@ -7,8 +7,9 @@ A's loss column the weight P(A) P(B) / P(A, B): under the weighted distribution 
 features stop carrying information about A, while A's and B's own marginal rates stay as they were (the
 positive weights of the prediction loss remain valid).
 
-One partner per finding, its strongest by the phi coefficient, and only A's column is weighted: a column's
-weights never depend on pairs that do not involve its finding. AIF360's ``Reweighing`` does this for one
+One partner per finding, its strongest by the phi coefficient (``measure.metrics.strongest_partners``, the
+partner the version report measures co-occurrence Equalized Odds against), and only A's column is weighted: a
+column's weights never depend on pairs that do not involve its finding. AIF360's ``Reweighing`` does this for one
 protected attribute on a dataframe, not for a column per finding on a tensor; the arithmetic is a few lines,
 so it is written here rather than adding that dependency.
 """
@@ -18,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ml_backend.measure.metrics import strongest_partners
 
 
 @dataclass(frozen=True)
@@ -47,12 +50,6 @@ class DecorrelatedPair:
         }
 
 
-def phi_matrix(targets: torch.Tensor) -> torch.Tensor:
-    """(K, K) phi coefficients (Pearson correlation of binary columns); 0 where a column is constant."""
-    phi = torch.corrcoef((targets > 0.5).double().T).nan_to_num(0.0)  # a constant column gives NaN: no partner
-    return torch.atleast_2d(phi).fill_diagonal_(0.0)
-
-
 def decorrelating_weights(
     targets: torch.Tensor, config: DecorrelationConfig = DecorrelationConfig()
 ) -> tuple[torch.Tensor, list[DecorrelatedPair]]:
@@ -66,12 +63,8 @@ def decorrelating_weights(
     if n == 0 or k < 2:
         return weights, pairs
     y = targets > 0.5
-    phi = phi_matrix(targets)
-    for a in range(k):
-        b = int(torch.argmax(phi[a]))
-        strength = float(phi[a, b])
-        if strength < config.min_phi:
-            continue
+    partners = strongest_partners(y.cpu().numpy(), min_support=config.min_cell, min_phi=config.min_phi)
+    for a, (b, strength) in sorted(partners.items()):
         column = torch.empty(n, dtype=torch.float64)
         cells = [(y[:, a] == bool(i)) & (y[:, b] == bool(j)) for i in (0, 1) for j in (0, 1)]
         counts = [int(c.sum()) for c in cells]
