@@ -208,14 +208,28 @@ def run_fold(
         sim.train(model, tensors, replace(spec.scratch, loss=loss, epochs=args.scratch_epochs), seed)
         return model.eval()
 
+    # what the initial models depend on (a checkpoint made otherwise is not reused) and what the arms depend on
+    # (a checkpoint made with other budgets or fine-tuning keeps its initial models, not its arms)
+    initial_settings = {"setup": setup.describe(), "folds": args.folds, "split_seed": getattr(args, "split_seed", 0)}
+    if setup.recipe is None:
+        initial_settings["scratch_epochs"] = args.scratch_epochs
+    arm_settings = {"budgets": list(args.budgets), "finetune_epochs": args.finetune_epochs}
+
     def save(out: dict, initial: dict[str, torch.nn.Module]) -> None:
         if checkpoint is not None:  # written whole, then renamed: a kill mid-write leaves the previous one
             partial = checkpoint.with_suffix(".tmp")
-            torch.save({"out": {**out, "seconds": out["seconds"] + time.time() - started}, "initial": initial}, partial)
+            state = {"out": {**out, "seconds": out["seconds"] + time.time() - started}, "initial": initial}
+            torch.save({**state, "initial_settings": initial_settings, "arm_settings": arm_settings}, partial)
             partial.replace(checkpoint)
 
+    if saved is not None and saved.get("initial_settings") != initial_settings:
+        print(f"fold {fold}: {checkpoint} was made with other initial models: starting over", flush=True)
+        saved = None
     if saved is not None:
         out, initial = saved["out"], saved["initial"]
+        if saved.get("arm_settings") != arm_settings:
+            print(f"fold {fold}: {checkpoint} has other budgets or fine-tuning: its arms are rerun", flush=True)
+            out["arms"] = {}
         print(f"fold {fold}: resumed with arms {sorted(out['arms'])} done", flush=True)
     else:
         initial = {"bce": scratch("bce", train_images, fold), "wbce": scratch("wbce", train_images, fold)}

@@ -174,3 +174,12 @@ def test_physician_fold_resumes_from_its_checkpoint(tmp_path: Path) -> None:
             np.testing.assert_array_equal(got["dp"], want["dp"])
             np.testing.assert_array_equal(got["p"], want["p"])
     np.testing.assert_array_equal(resumed["initial"]["wbce"]["p"], straight["initial"]["wbce"]["p"])
+
+    # other budgets: the checkpoint's initial models are kept, its arms are not
+    other_budgets = argparse.Namespace(**{**vars(args), "budgets": [5]})
+    rebudgeted = physician.run_fold(0, setup, other_budgets, [baseline], checkpoint=checkpoint)
+    assert [r["budget"] for r in rebudgeted["arms"]["baseline"]] == [5]
+    np.testing.assert_array_equal(rebudgeted["initial"]["bce"]["p"], straight["initial"]["bce"]["p"])
+    # other initial models (more scratch epochs): the checkpoint is not used at all
+    retrained = physician.run_fold(0, setup, argparse.Namespace(**{**vars(args), "scratch_epochs": 2}), [], checkpoint)
+    assert not np.array_equal(retrained["initial"]["bce"]["p"], straight["initial"]["bce"]["p"])
