@@ -70,6 +70,8 @@ def arms(args: argparse.Namespace) -> dict[str, tuple[LossConfig, PropagationCon
         chosen[f"propagation, false cells {rate:g}"] = (DEFAULT, PropagationConfig(false_cells_per_image=rate))
     for cells in args.grow_cells:  # the default with found masks grown by another margin
         chosen[f"propagation, grown {cells} cells"] = (DEFAULT, PropagationConfig(grow_cells=cells))
+    for experts in args.experts:  # the default with a detector per cluster of masked cells (bench_detector.py)
+        chosen[f"propagation, {experts} experts"] = (DEFAULT, PropagationConfig(experts=experts))
     return chosen
 
 
@@ -255,6 +257,9 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["tag"])
     parser.add_argument(
         "--grow-cells", type=int, nargs="*", default=[], help="arms: the default with found masks grown by N cells"
+    )
+    parser.add_argument(
+        "--experts", type=int, nargs="*", default=[], help="arms: the default with N linear detectors (experts)"
     )
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="labels only always runs")
     parser.add_argument("--paste-rates", type=float, nargs="*", default=[], help="extra ARTEFACT_PASTE_RATE arms")

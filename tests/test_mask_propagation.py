@@ -16,7 +16,13 @@ import torch
 from conftest import NIH, shared_or_skip
 
 from ml_backend.train.losses import LossConfig
-from ml_backend.train.mask_propagation import PropagationConfig, _artefact_cells, propagate_ignore_masks
+from ml_backend.train.mask_propagation import (
+    ArtefactDetector,
+    PropagationConfig,
+    _artefact_cells,
+    _fit,
+    propagate_ignore_masks,
+)
 from ml_backend.train.trainer import TrainConfig, fine_tune
 
 pytestmark = pytest.mark.shared_data
@@ -122,3 +128,31 @@ def test_fine_tune_propagates_before_training_and_reports_it(tagged: dict) -> No
 
     off = fine_tune(model, small, TrainConfig(epochs=1, batch_size=32, propagation=None))
     assert off.propagation is None
+
+
+def test_experts_find_two_kinds_of_artefact_one_linear_detector_cannot() -> None:
+    """Two kinds of artefact on opposite sides of the background in feature space (a bright tag, a dark tube):
+    no single half-space holds both, so one logistic regression gives up the rarer kind; one expert per cluster
+    of the masked cells finds both. The saved detector scores cells as the fitted one does, and a detector file
+    written before experts (one coefficient row, a scalar intercept) still loads."""
+    rng = np.random.default_rng(0)
+    background = rng.normal(0.0, 1.0, (600, 6))
+    common_kind = rng.normal(0.0, 0.3, (60, 6)) + np.array([6.0, 0, 0, 0, 0, 0])
+    rare_kind = rng.normal(0.0, 0.3, (20, 6)) + np.array([-6.0, 0, 0, 0, 0, 0])
+    x = np.concatenate([background, common_kind, rare_kind])
+    y = np.concatenate([np.zeros(600, int), np.ones(80, int)])
+
+    one = _fit(x, y, PropagationConfig(experts=1), seed=0)
+    three = _fit(x, y, PropagationConfig(experts=3), seed=0)
+    assert len(one.regressions) == 1 and 2 <= len(three.regressions) <= 3
+    assert (one.predict(rare_kind) > 0.5).mean() < 0.5 or (one.predict(common_kind) > 0.5).mean() < 0.5
+    assert (three.predict(rare_kind) > 0.5).all() and (three.predict(common_kind) > 0.5).all()
+    assert (three.predict(background) > 0.5).mean() < 0.05
+
+    saved = ArtefactDetector.from_bytes(ArtefactDetector.from_fitted(three, 0.5).to_bytes())
+    np.testing.assert_allclose(saved.probabilities(x), three.predict(x), rtol=1e-6, atol=1e-9)
+    legacy = ArtefactDetector(saved.mean, saved.scale, saved.coef[0], float(saved.intercept[0]), 0.5)
+    assert legacy.coef.shape == (1, 6) and legacy.probabilities(x).shape == (len(x),)
+    # few positive cells: as many experts as min_rows_per_expert allows, never an expert without positives
+    few = _fit(x[:610], np.r_[np.zeros(600, int), np.ones(10, int)], PropagationConfig(experts=3), seed=0)
+    assert len(few.regressions) == 1

@@ -75,7 +75,7 @@ def test_a_detector_fitted_on_other_features_suggests_nothing(suggesting: dict) 
     coefficients do not match the features, so it suggests nothing instead of crashing or guessing."""
     detector = suggesting["report"].detector
     shorter = ArtefactDetector(
-        detector.mean[:-8], detector.scale[:-8], detector.coef[:-8], detector.intercept, detector.threshold
+        detector.mean[:-8], detector.scale[:-8], detector.coef[:, :-8], detector.intercept, detector.threshold
     )
     images = suggesting["tensors"].images[:5]
     assert find_suggestions(suggesting["model"], images, shorter) == [[] for _ in range(5)]
