@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,18 +35,11 @@ from ml_backend.train.mask_propagation import PropagationConfig  # noqa: E402
 def run_seed(seed: int, data: sim.LabelledImages, args: argparse.Namespace) -> dict:
     """bench_mechanism.run_seed's biased model and masks (same seed, same draws), then each detector."""
     started = time.time()
-    test_idx = sim.patient_folds(data.patients, 5, seed=0)[seed % 5]
-    train = data.subset(np.setdiff1d(np.arange(len(data)), test_idx))
-    shortcut = sim.Shortcut(kinds=tuple(args.kinds))
-    images, markers, kinds = sim.inject_shortcut(train, shortcut, np.random.default_rng(seed))
-    spec = sim.ModelSpec()
-    model = sim.new_model(spec, len(data.findings), seed).to(args.device)
-    sim.train(model, sim.make_tensors(model, spec, images, train.labels), replace(spec.scratch, loss=mech.OFF), seed)
-    marked = [i for i, m in enumerate(markers) if m is not None]
-    rng = np.random.default_rng(10_000 + seed)
-    chosen = set(rng.choice(marked, size=max(1, round(len(marked) * args.share)), replace=False).tolist())
+    train, _, _, images, markers, kinds = mech.seed_split(seed, data, tuple(args.kinds))
+    model = mech.scratch_model(seed, train, images, args.device)
+    chosen = mech.physician_masked(markers, args.share, seed)
     ignore = [markers[i] if i in chosen else None for i in range(len(images))]
-    tensors = sim.make_tensors(model, spec, images, train.labels, ignore=ignore)
+    tensors = sim.make_tensors(model, sim.ModelSpec(), images, train.labels, ignore=ignore)
     masks_by_kind = {k: sum(kinds[i] == k for i in chosen) for k in args.kinds}
     out = {"seed": seed, "masks": len(chosen), "masks_by_kind": masks_by_kind, "detectors": {}}
     for experts in args.experts:

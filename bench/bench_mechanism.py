@@ -84,13 +84,37 @@ def detection(
     return {**score, "threshold": report.threshold, "skipped": report.skipped}
 
 
-def run_seed(seed: int, data: sim.LabelledImages, args: argparse.Namespace) -> dict:
-    started = time.time()
+def seed_split(
+    seed: int, data: sim.LabelledImages, kinds: tuple[str, ...]
+) -> tuple[sim.LabelledImages, sim.LabelledImages, sim.Shortcut, np.ndarray, list, list]:
+    """One seed's training and test split, its shortcut and the stamped training images with their markers and
+    kinds (bench_detector.py draws the same)."""
     test_idx = sim.patient_folds(data.patients, 5, seed=0)[seed % 5]
     train = data.subset(np.setdiff1d(np.arange(len(data)), test_idx))
-    test = data.subset(test_idx)
-    shortcut = sim.Shortcut(kinds=tuple(args.kinds))
-    images, markers, kinds = sim.inject_shortcut(train, shortcut, np.random.default_rng(seed))
+    shortcut = sim.Shortcut(kinds=kinds)
+    images, markers, marker_kinds = sim.inject_shortcut(train, shortcut, np.random.default_rng(seed))
+    return train, data.subset(test_idx), shortcut, images, markers, marker_kinds
+
+
+def physician_masked(markers: list, share: float, seed: int) -> set[int]:
+    """The marked training images a physician masked: ``share`` of them, drawn per seed."""
+    marked = [i for i, m in enumerate(markers) if m is not None]
+    rng = np.random.default_rng(10_000 + seed)
+    return set(rng.choice(marked, size=max(1, round(len(marked) * share)), replace=False).tolist())
+
+
+def scratch_model(seed: int, train: sim.LabelledImages, pixels: np.ndarray, device: str) -> torch.nn.Module:
+    """A model trained from scratch on ``pixels`` with ``train``'s labels (the biased live version, or the clean
+    one on marker-free pixels)."""
+    spec = sim.ModelSpec()
+    model = sim.new_model(spec, len(train.findings), seed).to(device)
+    sim.train(model, sim.make_tensors(model, spec, pixels, train.labels), replace(spec.scratch, loss=OFF), seed)
+    return model
+
+
+def run_seed(seed: int, data: sim.LabelledImages, args: argparse.Namespace) -> dict:
+    started = time.time()
+    train, test, shortcut, images, markers, kinds = seed_split(seed, data, tuple(args.kinds))
     spec = sim.ModelSpec()
     thresholds = np.full(len(data.findings), 0.5)
 
@@ -98,17 +122,11 @@ def run_seed(seed: int, data: sim.LabelledImages, args: argparse.Namespace) -> d
         r = sim.evaluate(model, spec, test, shortcut, thresholds, seed=1000 + seed, with_bias_metrics=False)
         return {"delta_p": r["delta_p"], "auroc": r["shortcut_auroc"]}
 
-    def scratch(pixels: np.ndarray) -> torch.nn.Module:
-        model = sim.new_model(spec, len(data.findings), seed).to(args.device)
-        sim.train(model, sim.make_tensors(model, spec, pixels, train.labels), replace(spec.scratch, loss=OFF), seed)
-        return model
-
-    biased = scratch(images)
-    out = {"seed": seed, "biased": measure(biased), "clean": measure(scratch(train.images)), "arms": {}}
-    marked = [i for i, m in enumerate(markers) if m is not None]
+    biased = scratch_model(seed, train, images, args.device)
+    clean = scratch_model(seed, train, train.images, args.device)
+    out = {"seed": seed, "biased": measure(biased), "clean": measure(clean), "arms": {}}
     for share in args.shares:
-        rng = np.random.default_rng(10_000 + seed)
-        chosen = set(rng.choice(marked, size=max(1, round(len(marked) * share)), replace=False).tolist())
+        chosen = physician_masked(markers, share, seed)
         ignore = [markers[i] if i in chosen else None for i in range(len(images))]
         for name, (loss, propagation) in arms(args).items():
             if name == "labels only" and share != args.shares[0]:
