@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -26,6 +27,8 @@ from ml_backend.rank.columns import (
     PRIORITY,
     RANK,
     REASON,
+    ColumnOwnership,
+    ColumnWrites,
     clear_queue_columns,
     column_types,
     probability_column,
@@ -173,21 +176,67 @@ class FakeTasks:
         self.data[int(id)] = dict(data)
 
 
-def test_columns_merge_into_the_stored_data_and_skip_unchanged_tasks() -> None:
+def test_columns_merge_into_the_stored_data_and_skip_unchanged_tasks(tmp_path: Path) -> None:
     tasks = FakeTasks({1: {"image": "s3://bucket/a.png", "site": "A"}, 2: {"image": "s3://bucket/b.png"}, 3: {}})
     client = SimpleNamespace(tasks=tasks)
+    ownership = ColumnOwnership(tmp_path / "review_columns.json")
     values = {1: {RANK: 1, REASON: "why"}, 2: {RANK: 2, REASON: "why not"}}
-    assert write_review_columns(client, 7, values) == (2, 0)
+    assert write_review_columns(client, 7, values, ownership) == ColumnWrites(written=2)
     assert tasks.data[1] == {"image": "s3://bucket/a.png", "site": "A", RANK: 1, REASON: "why"}  # merged, raw URL
     assert all(options == {"additional_query_parameters": {"fields": "id"}} for _, _, options in tasks.updates)
-    assert write_review_columns(client, 7, values) == (0, 0)  # nothing changed: no PATCH
+    assert write_review_columns(client, 7, values, ownership) == ColumnWrites()  # nothing changed: no PATCH
     tasks.fail = {2}
-    assert write_review_columns(client, 7, {1: {RANK: 3}, 2: {RANK: 4}}) == (1, 1)  # one failure, logged
+    # one failure, logged; a new job reads the record from disk
+    ownership = ColumnOwnership(tmp_path / "review_columns.json")
+    assert write_review_columns(client, 7, {1: {RANK: 3}, 2: {RANK: 4}}, ownership) == ColumnWrites(1, 1)
     # annotated since: the queue columns go, the rest stays; tasks without them are not read at all
     tasks.fail = set()
     listed = [{"id": 1, "data": {"image": "/tasks/1/resolve/?fileuri=x", RANK: 3}}, {"id": 3, "data": {}}]
-    assert clear_queue_columns(client, 7, listed) == (1, 0)
+    assert clear_queue_columns(client, 7, listed, ownership) == ColumnWrites(written=1)
     assert tasks.data[1] == {"image": "s3://bucket/a.png", "site": "A"}
+
+
+def test_a_tasks_own_fields_are_never_overwritten_nor_removed(tmp_path: Path) -> None:
+    """A user's data field named like a column (another reader's probability, a rank of their own) is theirs:
+    that column is left out for that task and counted; every other column is written as usual."""
+    user = {"image": "a.png", "p_Effusion": 0.7, RANK: "urgent"}
+    tasks = FakeTasks({1: dict(user), 2: {"image": "b.png"}})
+    client = SimpleNamespace(tasks=tasks)
+    record = tmp_path / "review_columns.json"
+    values = {t: {RANK: t, REASON: "why", "p_Effusion": 0.1 * t} for t in (1, 2)}
+    done = write_review_columns(client, 7, values, ColumnOwnership(record))
+    assert done == ColumnWrites(written=2, user_fields_kept=2)
+    assert tasks.data[1] == {**user, REASON: "why"}
+    assert tasks.data[2] == {"image": "b.png", RANK: 2, REASON: "why", "p_Effusion": 0.2}
+    # A later job (the record read from disk) updates its own columns and still leaves the user's alone.
+    values = {t: {RANK: 3 - t, REASON: "because", "p_Effusion": 0.5} for t in (1, 2)}
+    done = write_review_columns(client, 7, values, ColumnOwnership(record))
+    assert done == ColumnWrites(written=2, user_fields_kept=2)
+    assert tasks.data[1] == {**user, REASON: "because"} and tasks.data[2][RANK] == 1
+    # Annotated: only the queue columns this backend wrote go.
+    listed = [{"id": t, "data": dict(tasks.data[t])} for t in (1, 2)]
+    assert clear_queue_columns(client, 7, listed, ColumnOwnership(record)) == ColumnWrites(written=2)
+    assert tasks.data[1] == user and tasks.data[2] == {"image": "b.png", "p_Effusion": 0.5}
+    # A user field added after a column was cleared is the user's too.
+    tasks.data[2][RANK] = "second read"
+    done = write_review_columns(client, 7, {2: {RANK: 1, REASON: "why"}}, ColumnOwnership(record))
+    assert done == ColumnWrites(written=1, user_fields_kept=1) and tasks.data[2][RANK] == "second read"
+
+
+def test_columns_written_before_the_record_existed_are_adopted(tmp_path: Path) -> None:
+    """An upgrade from a version without the record: a task holding all the queue and top columns was ranked
+    by MEDebiaser, so its columns stay up to date; a lost or broken record never overwrites a partial match."""
+    ranked = {"image": "a.png", RANK: 4, PRIORITY: 0.3, REASON: "old", "top_finding": "Mass", "top_probability": 0.4}
+    tasks = FakeTasks({1: {**ranked, "p_Mass": 0.4}, 2: {"image": "b.png", "top_finding": "Mass (2nd reader)"}})
+    client = SimpleNamespace(tasks=tasks)
+    record = tmp_path / "review_columns.json"
+    record.write_text("{not json")
+    values = {t: {RANK: t, REASON: "new", "top_finding": "Nodule", "p_Mass": 0.2} for t in (1, 2)}
+    done = write_review_columns(client, 7, values, ColumnOwnership(record))
+    assert done == ColumnWrites(written=2, user_fields_kept=1)
+    assert tasks.data[1] == {**ranked, RANK: 1, REASON: "new", "top_finding": "Nodule", "p_Mass": 0.2}
+    assert tasks.data[2]["top_finding"] == "Mass (2nd reader)" and tasks.data[2][RANK] == 2
+    assert json.loads(record.read_text())["keys"]["p_Mass"] == [1, 2]
 
 
 def test_review_tab_gets_numeric_column_types_and_keeps_the_users() -> None:

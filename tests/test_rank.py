@@ -499,8 +499,11 @@ def test_ranking_job_writes_scores_reasons_and_switches_the_project(job_setup) -
 def test_ranking_job_shows_reasons_and_probabilities_to_the_physician(job_setup) -> None:
     """The reason on the labelling page (the summary TextArea) and in Data Manager columns (task data)."""
     settings, client, conn = job_setup
+    client.task_data[105]["data"]["top_finding"] = "Mass (second reader)"  # the user's own field: kept
     summary = rank_project(7, settings, RankOptions(write_batch=4), client=client, conn=conn)
-    assert summary["review_columns"] == {"written": 10, "failed": 0, "cleared": 0}
+    assert summary["review_columns"] == {"written": 10, "failed": 0, "cleared": 0, "user_fields_kept": 1}
+    assert client.task_data[105]["data"]["top_finding"] == "Mass (second reader)"
+    assert "review_rank" in client.task_data[105]["data"]
     first = summary["top"][0]
     data = client.task_data[first["task"]]["data"]
     assert data["image"].startswith("/data/upload/")  # the image reference is kept

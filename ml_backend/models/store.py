@@ -268,7 +268,7 @@ class VersionStore:
             for _attempt in range(100):
                 name = version or self._next_name(versions_dir)
                 full_meta = meta.but(version=name, project=project, created_at=meta.created_at or _utc_now())
-                _write_atomic(staging / "meta.json", json.dumps(full_meta.to_json(), indent=2).encode())
+                write_atomic(staging / "meta.json", json.dumps(full_meta.to_json(), indent=2).encode())
                 _fsync_dir(staging)
                 try:
                     os.rename(staging, versions_dir / name)  # atomic; fails if the name was taken meanwhile
@@ -292,12 +292,12 @@ class VersionStore:
         if not path.is_file():
             buffer = io.BytesIO()
             torch.save(state_dict, buffer)
-            _write_atomic(path, buffer.getvalue())  # racing processes write identical bytes; os.replace wins once
+            write_atomic(path, buffer.getvalue())  # racing processes write identical bytes; os.replace wins once
         return path
 
     def set_live(self, project: str, version: str) -> None:
         self.info(project, version)  # raises VersionNotFound
-        _write_atomic(self.project_dir(project) / "live", version.encode())
+        write_atomic(self.project_dir(project) / "live", version.encode())
 
     @staticmethod
     def _next_name(versions_dir: Path) -> str:
@@ -309,7 +309,7 @@ def _utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
+def write_atomic(path: Path, payload: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

@@ -12,19 +12,29 @@ the column's header menu).
 
 Tasks annotated since they were ranked lose ``review_rank``/``review_priority``/``review_reason`` (they are out
 of the queue); the probabilities stay, as the model's opinion next to the physician's.
+
+A task's data is the user's: a field of the same name that MEDebiaser did not write (say ``p_Effusion`` from
+another reader, or a ``top_finding`` of their own) is never overwritten nor removed; that column is left out
+for that task and counted (``user_fields_kept``). Which keys of which task MEDebiaser wrote is recorded in
+``MODEL_DIR/projects/<p>/review_columns.json`` (:class:`ColumnOwnership`), written before the PATCH that uses
+it, so a crash in between leaves a claim on a key the task did not have, never one on the user's.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ml_backend.io.label_studio import stored_task_data, update_task_data
+from ml_backend.models.store import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +44,9 @@ REASON = "review_reason"
 TOP_FINDING = "top_finding"
 TOP_PROBABILITY = "top_probability"
 QUEUE_COLUMNS = (RANK, PRIORITY, REASON)  # removed once a task is annotated
+# Written together by every ranking before the ownership record existed: a task holding all five and no record
+# was ranked by an earlier MEDebiaser, so its columns are adopted (an upgrade does not freeze them).
+SIGNATURE = (RANK, PRIORITY, REASON, TOP_FINDING, TOP_PROBABILITY)
 
 
 def probability_column(finding: str) -> str:
@@ -64,6 +77,71 @@ def column_types(labels: Sequence[str]) -> dict[str, str]:
     return {f"tasks:data.{key}": "Number" for key in numeric}
 
 
+@dataclass
+class ColumnWrites:
+    """What one write or clear did, for the job's summary."""
+
+    written: int = 0  # tasks patched
+    failed: int = 0  # tasks Label Studio did not list or patch (logged)
+    user_fields_kept: int = 0  # (task, column) pairs left out: the task's data has a field of that name of its own
+
+
+class ColumnOwnership:
+    """Which data keys of which task this backend wrote, in one JSON file per project.
+
+    Stored as ``{"keys": {key: [task ids]}}`` (the same few keys on every task: far smaller than per task).
+    An unreadable file reads as empty: columns then exist without a record and are kept as the user's, so a
+    lost file can freeze columns, never overwrite a user's field.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._owned: dict[int, set[str]] = {}
+        self._changed = False
+        try:
+            stored = json.loads(path.read_text())
+            for key, task_ids in dict(stored.get("keys") or {}).items():
+                for task_id in task_ids:
+                    self._owned.setdefault(int(task_id), set()).add(str(key))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            log.warning("%s unreadable (%s): existing review columns are treated as the user's", path, exc)
+
+    def writable(self, task_id: int, data: Mapping[str, Any], keys: Sequence[str]) -> tuple[list[str], list[str]]:
+        """``keys`` split into those this backend may write into the task's ``data`` and the user's own."""
+        owned = self._owned.get(task_id, set())
+        if not owned and all(k in data for k in SIGNATURE):
+            owned = {k for k in data if k in SIGNATURE or k.startswith("p_")}  # ranked before the record existed
+        mine = [k for k in keys if k not in data or k in owned]
+        return mine, [k for k in keys if k in data and k not in owned]
+
+    def claim(self, task_id: int, keys: Sequence[str]) -> None:
+        if not set(keys) <= self._owned.get(task_id, set()):
+            self._owned.setdefault(task_id, set()).update(keys)
+            self._changed = True
+
+    def release(self, task_id: int, keys: Sequence[str]) -> None:
+        owned = self._owned.get(task_id, set())
+        if owned & set(keys):
+            self._changed = True
+            if owned - set(keys):
+                self._owned[task_id] = owned - set(keys)
+            else:
+                del self._owned[task_id]
+
+    def save(self) -> None:
+        """Write the record when it changed (a rerun that claims nothing new writes nothing)."""
+        if not self._changed:
+            return
+        by_key: dict[str, list[int]] = {}
+        for task_id, keys in sorted(self._owned.items()):
+            for key in keys:
+                by_key.setdefault(key, []).append(task_id)
+        write_atomic(self.path, json.dumps({"keys": dict(sorted(by_key.items()))}).encode())
+        self._changed = False
+
+
 def _stored_data(client: Any, project_id: int, ids: Sequence[int]) -> dict[int, dict[str, Any]] | None:
     """The tasks' data as stored; None when Label Studio cannot list them (logged: the columns wait for the
     next ranking, the ranking goes on)."""
@@ -74,8 +152,8 @@ def _stored_data(client: Any, project_id: int, ids: Sequence[int]) -> dict[int, 
         return None
 
 
-def _patch(client: Any, updates: Mapping[int, dict[str, Any]]) -> tuple[int, int]:
-    """Write each task's data. Returns (written, failed); a failure is logged, never raised."""
+def _patch(client: Any, updates: Mapping[int, dict[str, Any]]) -> tuple[set[int], int]:
+    """Write each task's data. Returns (the tasks written, how many failed); a failure is logged, never raised."""
 
     def one(task_id: int) -> bool:
         try:
@@ -86,39 +164,66 @@ def _patch(client: Any, updates: Mapping[int, dict[str, Any]]) -> tuple[int, int
         return True
 
     if not updates:
-        return 0, 0
+        return set(), 0
     with ThreadPoolExecutor(max_workers=min(8, len(updates)), thread_name_prefix="rank-columns") as pool:
-        done = list(pool.map(one, list(updates)))
-    return sum(done), len(done) - sum(done)
+        done = dict(zip(updates, pool.map(one, list(updates)), strict=True))
+    written = {task_id for task_id, ok in done.items() if ok}
+    return written, len(done) - len(written)
 
 
-def write_review_columns(client: Any, project_id: int, values: Mapping[int, dict[str, Any]]) -> tuple[int, int]:
-    """Merge ``values[task]`` into each task's data; tasks whose data already holds them are not touched.
-    Returns (written, failed)."""
+def write_review_columns(
+    client: Any, project_id: int, values: Mapping[int, dict[str, Any]], ownership: ColumnOwnership
+) -> ColumnWrites:
+    """Merge ``values[task]`` into each task's data, but for fields of the task's own (see the module doc); tasks
+    whose data already holds them are not touched."""
     if not values:
-        return 0, 0
+        return ColumnWrites()
     stored = _stored_data(client, project_id, list(values))
     if stored is None:
-        return 0, len(values)
-    updates = {
-        task_id: {**data, **values[task_id]}
-        for task_id, data in stored.items()
-        if any(data.get(k) != v for k, v in values[task_id].items())
-    }
-    return _patch(client, updates)
+        return ColumnWrites(failed=len(values))
+    updates: dict[int, dict[str, Any]] = {}
+    kept: dict[str, int] = {}
+    for task_id, data in stored.items():
+        mine, theirs = ownership.writable(task_id, data, list(values[task_id]))
+        for key in theirs:
+            kept[key] = kept.get(key, 0) + 1
+        ownership.claim(task_id, mine)
+        new = {k: values[task_id][k] for k in mine}
+        if any(data.get(k) != v for k, v in new.items()):
+            updates[task_id] = {**data, **new}
+    if kept:
+        log.warning(
+            "project %s: task data already has fields of these names, kept as they are (columns left out): %s",
+            project_id,
+            ", ".join(f"{key} ({n} tasks)" for key, n in sorted(kept.items())),
+        )
+    ownership.save()  # before the PATCHes: see the module doc
+    written, failed = _patch(client, updates)
+    return ColumnWrites(len(written), failed, sum(kept.values()))
 
 
-def clear_queue_columns(client: Any, project_id: int, tasks: Sequence[dict[str, Any]]) -> tuple[int, int]:
-    """Drop the queue columns from tasks (annotated ones: no longer in the queue) that still have them."""
-    ids = [int(t["id"]) for t in tasks if any(k in (t.get("data") or {}) for k in QUEUE_COLUMNS)]
+def clear_queue_columns(
+    client: Any, project_id: int, tasks: Sequence[dict[str, Any]], ownership: ColumnOwnership
+) -> ColumnWrites:
+    """Drop the queue columns this backend wrote from tasks (annotated ones: no longer in the queue) that still
+    have them; a task's own fields of those names stay."""
+
+    def ours(task_id: int, data: Mapping[str, Any]) -> list[str]:
+        return ownership.writable(task_id, data, [k for k in QUEUE_COLUMNS if k in data])[0]
+
+    ids = [int(t["id"]) for t in tasks if ours(int(t["id"]), t.get("data") or {})]
     if not ids:
-        return 0, 0
+        return ColumnWrites()
     stored = _stored_data(client, project_id, ids)
     if stored is None:
-        return 0, len(ids)
-    updates = {
-        task_id: {k: v for k, v in data.items() if k not in QUEUE_COLUMNS}
-        for task_id, data in stored.items()
-        if any(k in data for k in QUEUE_COLUMNS)
-    }
-    return _patch(client, updates)
+        return ColumnWrites(failed=len(ids))
+    updates: dict[int, dict[str, Any]] = {}
+    for task_id, data in stored.items():
+        drop = ours(task_id, data)
+        if drop:
+            updates[task_id] = {k: v for k, v in data.items() if k not in drop}
+    written, failed = _patch(client, updates)
+    for task_id in written:  # after the PATCH: a failed one keeps its claim and is retried next time
+        ownership.release(task_id, QUEUE_COLUMNS)
+    ownership.save()
+    return ColumnWrites(len(written), failed)

@@ -62,7 +62,13 @@ from ml_backend.io.label_studio import (
 from ml_backend.models.registry import LoadedModel, ModelRegistry
 from ml_backend.models.store import VersionStore, project_key
 from ml_backend.rank.checkpoint import RankCheckpoint, TaskOutput
-from ml_backend.rank.columns import clear_queue_columns, column_types, review_columns, write_review_columns
+from ml_backend.rank.columns import (
+    ColumnOwnership,
+    clear_queue_columns,
+    column_types,
+    review_columns,
+    write_review_columns,
+)
 from ml_backend.rank.priors import Priors, priors_from_records
 from ml_backend.rank.progress import Progress
 from ml_backend.rank.records import (
@@ -147,7 +153,18 @@ class _Run:
     progress: Progress
     timings: dict[str, float] = field(default_factory=dict)
     skipped: list[dict[str, Any]] = field(default_factory=list)
-    columns: dict[str, int] = field(default_factory=lambda: {"written": 0, "failed": 0, "cleared": 0})
+    columns: dict[str, int] = field(
+        default_factory=lambda: {"written": 0, "failed": 0, "cleared": 0, "user_fields_kept": 0}
+    )
+    _ownership: ColumnOwnership | None = None
+
+    @property
+    def ownership(self) -> ColumnOwnership:
+        """Which task-data keys this backend wrote (rank/columns.py), read once per job."""
+        if self._ownership is None:
+            path = Path(self.settings.model_dir) / "projects" / self.project / "review_columns.json"
+            self._ownership = ColumnOwnership(path)
+        return self._ownership
 
     def timed(self, name: str, started: float) -> None:
         self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - started, 3)
@@ -527,18 +544,19 @@ def _write_columns(
     """The chunk's Data Manager columns (rank, priority, reason, probabilities) into its tasks' data."""
     t0 = time.perf_counter()
     values = {item["task"]: review_columns(item, labels, outputs[item["task"]].probabilities) for item in chunk}
-    written, failed = write_review_columns(run.client, run.project_id, values)
-    run.columns["written"] += written
-    run.columns["failed"] += failed
+    done = write_review_columns(run.client, run.project_id, values, run.ownership)
+    run.columns["written"] += done.written
+    run.columns["failed"] += done.failed
+    run.columns["user_fields_kept"] += done.user_fields_kept
     run.timed("columns", t0)
 
 
 def _clear_columns(run: _Run, labelled: Sequence[dict[str, Any]]) -> None:
     """Annotated tasks are out of the queue: their rank and reason columns go."""
     t0 = time.perf_counter()
-    cleared, failed = clear_queue_columns(run.client, run.project_id, labelled)
-    run.columns["cleared"] += cleared
-    run.columns["failed"] += failed
+    done = clear_queue_columns(run.client, run.project_id, labelled, run.ownership)
+    run.columns["cleared"] += done.written
+    run.columns["failed"] += done.failed
     run.timed("columns", t0)
 
 

@@ -77,12 +77,16 @@ def test_probabilities_and_reasons_in_front_of_the_physician(
     )
     with LabelStudioAPI(ls.url, ls.token) as api:
         project = film_project(ls, api, "review-info", CONFIG, films, backend.url, SECRET)
+        # One task carries a field of its own named like a column (a second reader's call): it is never touched.
+        own = api.tasks(project)[0]
+        own_data = {**own["data"], "top_finding": "Mass (second reader)"}
+        api.call("PATCH", f"/api/tasks/{own['id']}", json={"data": own_data})
 
         started = time.monotonic()
         summary = rank_project(project, settings)
         print(f"[review-info] ranked {summary['ranked']} in {time.monotonic() - started:.1f} s: {summary['seconds']}")
         assert summary["status"] == "ranked" and summary["ranked"] == N_FILMS
-        assert summary["review_columns"] == {"written": N_FILMS, "failed": 0, "cleared": 0}
+        assert summary["review_columns"] == {"written": N_FILMS, "failed": 0, "cleared": 0, "user_fields_kept": 1}
         version = summary["version"]
         items = {item["task"]: item for item in summary["top"]}
 
@@ -109,6 +113,7 @@ def test_probabilities_and_reasons_in_front_of_the_physician(
             assert stored[task_id]["review_rank"] == item["rank"] and stored[task_id]["review_reason"] == item["reason"]
             assert stored[task_id]["image"].startswith("/data/local-files/?d=")
             assert stored[task_id]["p_Effusion"] == round(probabilities[task_id]["Effusion"], 4)
+        assert stored[own["id"]]["top_finding"] == "Mass (second reader)"
 
         # The review tab shows the numeric columns as numbers (Label Studio orders data columns as text otherwise).
         views = api.call("GET", "/api/dm/views", params={"project": project})
@@ -161,6 +166,7 @@ def test_probabilities_and_reasons_in_front_of_the_physician(
         after = {t["id"]: t["data"] for t in api.tasks(project)}
         assert "review_rank" not in after[done] and "review_reason" not in after[done] and key in after[done]
         assert after[done]["image"] == stored[done]["image"]
+        assert after[own["id"]]["top_finding"] == "Mass (second reader)"
         reranked = {item["task"]: item for item in again["top"]}
         first = min(reranked, key=lambda t: reranked[t]["rank"])
 
