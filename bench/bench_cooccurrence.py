@@ -355,7 +355,8 @@ def main() -> int:
                     (f"{args.pair[0]} F1", "f1", "f1_gain_points"),
                 )
             ],
-        ),
+        )
+        + "\n",  # a blank line: the sentence below is not a table row
         "Change: EOD reduction in % of the baseline's, F1 gain in points. Columns decorrelated per fold: "
         + ", ".join(str(int(r["decorrelated_pairs"])) for r in per_fold)
         + f"; {args.pair[0]}'s partner among them in "
