@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import pickle
 import platform
@@ -162,13 +163,52 @@ def physician_sees_marker(cam: np.ndarray, probs: np.ndarray, marker: np.ndarray
     return False
 
 
+def cache_dir(args: argparse.Namespace, setup: Setup) -> Path:
+    """Where this setup's folds, checkpoints and initial models are cached (gitignored)."""
+    return args.out / ".cache" / ("" if setup.recipe is None else f"{setup.name}-split{args.folds}")
+
+
+def initial_settings(args: argparse.Namespace, setup: Setup) -> dict:
+    """What a fold's initial models depend on: a checkpoint or kept file made otherwise is not reused."""
+    settings = {"setup": setup.describe(), "folds": args.folds, "split_seed": getattr(args, "split_seed", 0)}
+    if setup.recipe is None:
+        settings["scratch_epochs"] = args.scratch_epochs
+    return settings
+
+
+def initial_models_file(args: argparse.Namespace, setup: Setup, fold: int) -> Path:
+    """A fold's initial and clean models' measurements and the initial models, kept after the fold is done:
+    bench_rank_ablation starts its arms from them instead of retraining (an hour per 96 px fold on a CPU).
+    Named by a digest of the settings, so runs with other settings keep files of their own."""
+    digest = hashlib.sha1(json.dumps(initial_settings(args, setup), sort_keys=True, default=str).encode())
+    return cache_dir(args, setup) / f"fold{fold}-{digest.hexdigest()[:10]}.initial.pt"
+
+
+def save_initial_models(
+    path: Path, settings: dict, initial: dict[str, torch.nn.Module], out: dict, seconds: float | None
+) -> None:
+    """Written whole, then renamed: a kill mid-write leaves no half file. ``seconds``: the initial models'
+    compute, None where it was not recorded (a fold resumed from a checkpoint made before this file existed)."""
+    measured = {k: out[k] for k in ("fold", "test_idx", "clean", "initial")}
+    partial = path.with_suffix(".tmp")
+    torch.save({"initial_settings": settings, "initial": initial, "measured": measured, "seconds": seconds}, partial)
+    partial.replace(path)
+
+
 def run_fold(
-    fold: int, setup: Setup, args: argparse.Namespace, arms: list[Arm] = ARMS, checkpoint: Path | None = None
+    fold: int,
+    setup: Setup,
+    args: argparse.Namespace,
+    arms: list[Arm] = ARMS,
+    checkpoint: Path | None = None,
+    initial_file: Path | None = None,
 ) -> dict:
     """One fold: the initial and clean models, then every arm's rounds. With ``checkpoint``, the initial models
     and each finished arm are saved there as they come, and a rerun continues from them: a 96 px fold takes over
     an hour on one CPU thread, and an interrupted one would otherwise start over. Arms are seeded by the fold
-    alone, so an arm computed after a resume equals the one an uninterrupted run computes."""
+    alone, so an arm computed after a resume equals the one an uninterrupted run computes. With
+    ``initial_file`` (:func:`initial_models_file`), the initial models are taken from it when it was made with
+    the same settings, and kept in it otherwise."""
     started = time.time()
     saved = torch.load(checkpoint, weights_only=False) if checkpoint is not None and checkpoint.exists() else None
     data, spec = setup.data, setup.spec
@@ -210,27 +250,34 @@ def run_fold(
 
     # what the initial models depend on (a checkpoint made otherwise is not reused) and what the arms depend on
     # (a checkpoint made with other budgets or fine-tuning keeps its initial models, not its arms)
-    initial_settings = {"setup": setup.describe(), "folds": args.folds, "split_seed": getattr(args, "split_seed", 0)}
-    if setup.recipe is None:
-        initial_settings["scratch_epochs"] = args.scratch_epochs
+    initial_made_with = initial_settings(args, setup)
     arm_settings = {"budgets": list(args.budgets), "finetune_epochs": args.finetune_epochs}
 
     def save(out: dict, initial: dict[str, torch.nn.Module]) -> None:
         if checkpoint is not None:  # written whole, then renamed: a kill mid-write leaves the previous one
             partial = checkpoint.with_suffix(".tmp")
             state = {"out": {**out, "seconds": out["seconds"] + time.time() - started}, "initial": initial}
-            torch.save({**state, "initial_settings": initial_settings, "arm_settings": arm_settings}, partial)
+            torch.save({**state, "initial_settings": initial_made_with, "arm_settings": arm_settings}, partial)
             partial.replace(checkpoint)
 
-    if saved is not None and saved.get("initial_settings") != initial_settings:
+    if saved is not None and saved.get("initial_settings") != initial_made_with:
         print(f"fold {fold}: {checkpoint} was made with other initial models: starting over", flush=True)
         saved = None
+    if saved is None and initial_file is not None and initial_file.exists():
+        kept = torch.load(initial_file, weights_only=False)
+        if kept.get("initial_settings") == initial_made_with:
+            # this process's compute starts at 0: the initial models were paid for by the run that made them
+            saved = {"out": {**kept["measured"], "arms": {}, "seconds": 0.0}, "initial": kept["initial"]}
+            saved |= {"initial_settings": initial_made_with, "arm_settings": arm_settings}
+            print(f"fold {fold}: initial models from {initial_file}", flush=True)
     if saved is not None:
         out, initial = saved["out"], saved["initial"]
         if saved.get("arm_settings") != arm_settings:
             print(f"fold {fold}: {checkpoint} has other budgets or fine-tuning: its arms are rerun", flush=True)
             out["arms"] = {}
         print(f"fold {fold}: resumed with arms {sorted(out['arms'])} done", flush=True)
+        if initial_file is not None and not initial_file.exists():
+            save_initial_models(initial_file, initial_made_with, initial, out, None)
     else:
         initial = {"bce": scratch("bce", train_images, fold), "wbce": scratch("wbce", train_images, fold)}
         # the marker-free model: with a recipe, the one bench_base_models measured (issue 16 part 1)
@@ -249,6 +296,8 @@ def run_fold(
             flush=True,
         )
         save(out, initial)
+        if initial_file is not None:
+            save_initial_models(initial_file, initial_made_with, initial, out, time.time() - started)
 
     for arm in arms:
         if arm.name in out["arms"]:
@@ -642,7 +691,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     setup = load_setup(args)
     # Each fold is saved as it finishes, so an interrupted run resumes (--resume) instead of starting over.
-    cache = args.out / ".cache" / ("" if setup.recipe is None else f"{setup.name}-split{args.folds}")
+    cache = cache_dir(args, setup)
     cache.mkdir(parents=True, exist_ok=True)
     folds = []
     for f in range(args.run_folds or args.folds):
@@ -654,7 +703,8 @@ def main() -> None:
         if args.resume and path.exists():
             cached = pickle.loads(path.read_bytes())
             if args.rerun_arms:
-                rerun = run_fold(f, setup, args, [a for a in ARMS if a.name in args.rerun_arms])
+                todo = [a for a in ARMS if a.name in args.rerun_arms]
+                rerun = run_fold(f, setup, args, todo, initial_file=initial_models_file(args, setup, f))
                 cached["arms"].update(rerun["arms"])
                 path.write_bytes(pickle.dumps(cached))
             folds.append(cached)
@@ -662,7 +712,7 @@ def main() -> None:
         checkpoint = cache / f"fold{f}.partial.pt"
         if not args.resume:
             checkpoint.unlink(missing_ok=True)
-        folds.append(run_fold(f, setup, args, checkpoint=checkpoint))
+        folds.append(run_fold(f, setup, args, checkpoint=checkpoint, initial_file=initial_models_file(args, setup, f)))
         path.write_bytes(pickle.dumps(folds[-1]))
         checkpoint.unlink(missing_ok=True)
     if len(folds) < (args.run_folds or args.folds):

@@ -76,8 +76,9 @@ def shared_command(argv: list[str]) -> str:
 
 
 def merge_parts(parts: list[dict]) -> dict:
-    """One fold from its per-arm files. Each process retrained the fold's seeded initial models; the spread of
-    their ΔP across processes (0 on CPU, GPU nondeterminism otherwise) is kept to show it is negligible."""
+    """One fold from its per-arm files. Each process trained the fold's seeded initial models or loaded the kept
+    ones; the spread of their ΔP across processes (0 on CPU, GPU nondeterminism otherwise) is kept to show it is
+    negligible."""
     starts = [float(p["initial"]["wbce"]["dp"].mean()) for p in parts]
     merged = {**parts[0], "arms": {}, "seconds": sum(float(p["seconds"]) for p in parts)}
     merged["initial_spread"] = max(starts) - min(starts)
@@ -207,7 +208,9 @@ def main() -> None:
     if args.device.startswith("cuda"):  # arms run in separate processes start from the same initial models
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     # One cache file per (fold, arm): an interrupted run resumes, and groups of arms run in parallel processes
-    # (--only-folds / --only-arms), each retraining the fold's seeded initial models.
+    # (--only-folds / --only-arms). A fold's seeded initial models come from bench_physician's kept file
+    # (physician.initial_models_file) when one was made with the same settings; the first process to need them
+    # trains and keeps them otherwise.
     suffix = f"_split{args.split_seed}" if args.split_seed else ""
     suffix += f"_{setup.name}" if setup.recipe is not None else ""
     # budgets other than the default grid are another experiment: their own cache and results files
@@ -224,7 +227,7 @@ def main() -> None:
         if args.only_arms:
             todo = [a for a in todo if a.name in args.only_arms]
         if todo:
-            out = physician.run_fold(f, setup, args, todo)
+            out = physician.run_fold(f, setup, args, todo, initial_file=physician.initial_models_file(args, setup, f))
             for a in todo:
                 part = {k: v for k, v in out.items() if k != "arms"} | {"arms": {a.name: out["arms"][a.name]}}
                 part["seconds"] = out["seconds"] / len(todo)  # the arm's share of its process

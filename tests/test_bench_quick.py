@@ -156,13 +156,15 @@ def test_physician_fold_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     import numpy as np
 
     shared_or_skip(NIH)
-    args = argparse.Namespace(folds=5, budgets=[10], scratch_epochs=1, finetune_epochs=1, device="cpu")
+    args = argparse.Namespace(folds=5, budgets=[10], scratch_epochs=1, finetune_epochs=1, device="cpu", out=tmp_path)
     setup = physician.Setup(physician.sim.load_manifest_folder(NIH), physician.sim.ModelSpec())
     baseline, imbalance = physician.ARMS[0], physician.ARMS[1]
     checkpoint = tmp_path / "fold0.partial.pt"
+    kept = physician.initial_models_file(args, setup, 0)
+    kept.parent.mkdir(parents=True, exist_ok=True)
 
-    first = physician.run_fold(0, setup, args, [baseline], checkpoint=checkpoint)
-    assert checkpoint.exists() and set(first["arms"]) == {"baseline"}
+    first = physician.run_fold(0, setup, args, [baseline], checkpoint=checkpoint, initial_file=kept)
+    assert checkpoint.exists() and set(first["arms"]) == {"baseline"} and kept.exists()
     resumed = physician.run_fold(0, setup, args, [baseline, imbalance], checkpoint=checkpoint)
     straight = physician.run_fold(0, setup, args, [baseline, imbalance])
 
@@ -175,11 +177,21 @@ def test_physician_fold_resumes_from_its_checkpoint(tmp_path: Path) -> None:
             np.testing.assert_array_equal(got["p"], want["p"])
     np.testing.assert_array_equal(resumed["initial"]["wbce"]["p"], straight["initial"]["wbce"]["p"])
 
+    # bench_rank_ablation's way: no checkpoint, the kept initial models (not retrained: the process's compute is
+    # the arm's alone); the arm equals the uninterrupted run's
+    reused = physician.run_fold(0, setup, args, [imbalance], initial_file=kept)
+    for got, want in zip(reused["arms"]["imbalance"], straight["arms"]["imbalance"], strict=True):
+        np.testing.assert_array_equal(got["dp"], want["dp"])
+    np.testing.assert_array_equal(reused["clean"]["p"], straight["clean"]["p"])
+    assert reused["test_idx"] == straight["test_idx"] and 0 < reused["seconds"] < straight["seconds"]
+
     # other budgets: the checkpoint's initial models are kept, its arms are not
     other_budgets = argparse.Namespace(**{**vars(args), "budgets": [5]})
     rebudgeted = physician.run_fold(0, setup, other_budgets, [baseline], checkpoint=checkpoint)
     assert [r["budget"] for r in rebudgeted["arms"]["baseline"]] == [5]
     np.testing.assert_array_equal(rebudgeted["initial"]["bce"]["p"], straight["initial"]["bce"]["p"])
     # other initial models (more scratch epochs): the checkpoint is not used at all
-    retrained = physician.run_fold(0, setup, argparse.Namespace(**{**vars(args), "scratch_epochs": 2}), [], checkpoint)
+    more_epochs = argparse.Namespace(**{**vars(args), "scratch_epochs": 2})
+    retrained = physician.run_fold(0, setup, more_epochs, [], checkpoint, initial_file=kept)
     assert not np.array_equal(retrained["initial"]["bce"]["p"], straight["initial"]["bce"]["p"])
+    assert physician.initial_models_file(more_epochs, setup, 0) != kept  # each setting keeps a file of its own
