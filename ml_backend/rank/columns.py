@@ -184,6 +184,8 @@ def write_review_columns(
     updates: dict[int, dict[str, Any]] = {}
     kept: dict[str, int] = {}
     for task_id, data in stored.items():
+        if task_id not in values:  # a listing answers for the ids asked; anything else is not ours to write
+            continue
         mine, theirs = ownership.writable(task_id, data, list(values[task_id]))
         for key in theirs:
             kept[key] = kept.get(key, 0) + 1
