@@ -72,6 +72,8 @@ def arms(args: argparse.Namespace) -> dict[str, tuple[LossConfig, PropagationCon
         chosen[f"propagation, grown {cells} cells"] = (DEFAULT, PropagationConfig(grow_cells=cells))
     for experts in args.experts:  # the default with a detector per cluster of masked cells (bench_detector.py)
         chosen[f"propagation, {experts} experts"] = (DEFAULT, PropagationConfig(experts=experts))
+    for rate in args.propagation_paste_rates:  # the default pasting the painted artefacts onto another share
+        chosen[f"propagation, paste rate {rate:g}"] = (replace(DEFAULT, artefact_paste_rate=rate), PropagationConfig())
     return chosen
 
 
@@ -282,6 +284,13 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="labels only always runs")
     parser.add_argument("--paste-rates", type=float, nargs="*", default=[], help="extra ARTEFACT_PASTE_RATE arms")
     parser.add_argument("--false-cells", type=float, nargs="*", default=[], help="extra detector threshold arms")
+    parser.add_argument(
+        "--propagation-paste-rates",
+        type=float,
+        nargs="*",
+        default=[],
+        help="arms: the default (mask propagation) with another ARTEFACT_PASTE_RATE",
+    )
     parser.add_argument("--data", type=Path, default=DATA, help="the nih1000 folder")
     parser.add_argument("--resume", action="store_true", help="keep the seeds already in the results file")
     parser.add_argument("--device", default=common.default_device())
