@@ -27,9 +27,11 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import pickle
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -190,9 +192,11 @@ def save_initial_models(
     """Written whole, then renamed: a kill mid-write leaves no half file. ``seconds``: the initial models'
     compute, None where it was not recorded (a fold resumed from a checkpoint made before this file existed)."""
     measured = {k: out[k] for k in ("fold", "test_idx", "clean", "initial")}
-    partial = path.with_suffix(".tmp")
-    torch.save({"initial_settings": settings, "initial": initial, "measured": measured, "seconds": seconds}, partial)
-    partial.replace(path)
+    # a name of its own: parallel bench_rank_ablation processes of one fold may all be writing this file
+    fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as handle:
+        torch.save({"initial_settings": settings, "initial": initial, "measured": measured, "seconds": seconds}, handle)
+    os.replace(partial, path)
 
 
 def run_fold(
