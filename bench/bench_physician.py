@@ -193,6 +193,7 @@ def save_initial_models(
     compute, None where it was not recorded (a fold resumed from a checkpoint made before this file existed)."""
     measured = {k: out[k] for k in ("fold", "test_idx", "clean", "initial")}
     # a name of its own: parallel bench_rank_ablation processes of one fold may all be writing this file
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "wb") as handle:
         torch.save({"initial_settings": settings, "initial": initial, "measured": measured, "seconds": seconds}, handle)
