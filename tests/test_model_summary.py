@@ -223,6 +223,17 @@ def test_a_tasks_own_fields_are_never_overwritten_nor_removed(tmp_path: Path) ->
     assert done == ColumnWrites(written=1, user_fields_kept=1) and tasks.data[2][RANK] == "second read"
 
 
+def test_an_unsaveable_record_writes_no_column_and_stops_nothing(tmp_path: Path) -> None:
+    """Without a record MEDebiaser could not tell its columns from the user's later: nothing is written, the
+    tasks count as failed, and no exception reaches the ranking job."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    tasks = FakeTasks({1: {"image": "a.png"}})
+    ownership = ColumnOwnership(blocker / "review_columns.json")
+    done = write_review_columns(SimpleNamespace(tasks=tasks), 7, {1: {RANK: 1}}, ownership)
+    assert done == ColumnWrites(failed=1) and tasks.updates == [] and tasks.data[1] == {"image": "a.png"}
+
+
 def test_columns_written_before_the_record_existed_are_adopted(tmp_path: Path) -> None:
     """An upgrade from a version without the record: a task holding all the queue and top columns was ranked
     by MEDebiaser, so its columns stay up to date; a lost or broken record never overwrites a partial match."""

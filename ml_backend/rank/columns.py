@@ -199,7 +199,11 @@ def write_review_columns(
             project_id,
             ", ".join(f"{key} ({n} tasks)" for key, n in sorted(kept.items())),
         )
-    ownership.save()  # before the PATCHes: see the module doc
+    try:
+        ownership.save()  # before the PATCHes: see the module doc
+    except OSError as exc:  # no record, no write: the next ranking tries again; the ranking goes on
+        log.warning("project %s: review columns not written, %s not saved: %s", project_id, ownership.path, exc)
+        return ColumnWrites(failed=len(updates), user_fields_kept=sum(kept.values()))
     written, failed = _patch(client, updates)
     return ColumnWrites(len(written), failed, sum(kept.values()))
 
@@ -227,5 +231,8 @@ def clear_queue_columns(
     written, failed = _patch(client, updates)
     for task_id in written:  # after the PATCH: a failed one keeps its claim and is retried next time
         ownership.release(task_id, QUEUE_COLUMNS)
-    ownership.save()
+    try:
+        ownership.save()
+    except OSError as exc:  # a stale claim on a key the task no longer has: harmless, the key is absent
+        log.warning("project %s: %s not saved after clearing: %s", project_id, ownership.path, exc)
     return ColumnWrites(len(written), failed)
