@@ -26,12 +26,11 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import io
 import json
-import os
 import pickle
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -56,6 +55,7 @@ from ml_backend.measure.metrics import (  # noqa: E402
 )
 from ml_backend.measure.shortcut import stamp_marker  # noqa: E402
 from ml_backend.models.classifier import normalisation, to_input_tensor  # noqa: E402
+from ml_backend.models.store import write_atomic  # noqa: E402
 from ml_backend.rank.strategy import RankConfig, RankInputs, mc_dropout_probabilities, rank_candidates  # noqa: E402
 from ml_backend.train.losses import LossConfig  # noqa: E402
 
@@ -192,12 +192,9 @@ def save_initial_models(
     """Written whole, then renamed: a kill mid-write leaves no half file. ``seconds``: the initial models'
     compute, None where it was not recorded (a fold resumed from a checkpoint made before this file existed)."""
     measured = {k: out[k] for k in ("fold", "test_idx", "clean", "initial")}
-    # a name of its own: parallel bench_rank_ablation processes of one fold may all be writing this file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as handle:
-        torch.save({"initial_settings": settings, "initial": initial, "measured": measured, "seconds": seconds}, handle)
-    os.replace(partial, path)
+    buffer = io.BytesIO()
+    torch.save({"initial_settings": settings, "initial": initial, "measured": measured, "seconds": seconds}, buffer)
+    write_atomic(path, buffer.getvalue())  # a temp file of its own: parallel ablation processes may write it
 
 
 def run_fold(
