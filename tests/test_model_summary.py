@@ -223,6 +223,20 @@ def test_a_tasks_own_fields_are_never_overwritten_nor_removed(tmp_path: Path) ->
     assert done == ColumnWrites(written=1, user_fields_kept=1) and tasks.data[2][RANK] == "second read"
 
 
+def test_the_record_forgets_deleted_tasks(tmp_path: Path) -> None:
+    record = tmp_path / "review_columns.json"
+    ownership = ColumnOwnership(record)
+    ownership.claim(1, [RANK, REASON])
+    ownership.claim(2, [RANK])
+    ownership.save()
+    reread = ColumnOwnership(record)
+    assert reread.forget_absent([2, 3]) == 1 and reread.forget_absent([2, 3]) == 0
+    reread.save()
+    assert json.loads(record.read_text()) == {"keys": {RANK: [2]}}
+    # task 1 is gone from the record: a new task of that id would have its fields treated as the user's
+    assert ColumnOwnership(record).writable(1, {RANK: "mine"}, [RANK]) == ([], [RANK])
+
+
 def test_an_unsaveable_record_writes_no_column_and_stops_nothing(tmp_path: Path) -> None:
     """Without a record MEDebiaser could not tell its columns from the user's later: nothing is written, the
     tasks count as failed, and no exception reaches the ranking job."""

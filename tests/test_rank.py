@@ -532,6 +532,15 @@ def test_ranking_job_shows_reasons_and_probabilities_to_the_physician(job_setup)
     data = client.task_data[labelled]["data"]
     assert "review_rank" not in data and "review_reason" not in data and "p_Effusion" in data
 
+    # A deleted task leaves the record of which columns are MEDebiaser's (it would otherwise grow forever).
+    record = settings.model_dir / "projects" / "7" / "review_columns.json"
+    gone = first["task"]
+    assert any(gone in ids for ids in json.loads(record.read_text())["keys"].values())
+    del client.task_data[gone]
+    rank_project(7, settings, RankOptions(write_batch=4, force=True), client=client, conn=conn)
+    keys = json.loads(record.read_text())["keys"]
+    assert keys["review_rank"] and all(gone not in ids for ids in keys.values())
+
 
 def test_interrupted_write_resumes_without_mixing(job_setup) -> None:
     settings, client, conn = job_setup

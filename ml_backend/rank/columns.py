@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +129,15 @@ class ColumnOwnership:
                 self._owned[task_id] = owned - set(keys)
             else:
                 del self._owned[task_id]
+
+    def forget_absent(self, present: Iterable[int]) -> int:
+        """Drop the claims on tasks not in ``present`` (the project's full listing): deleted tasks' entries
+        would otherwise grow the record forever, and a claim must never outlive its task. Returns how many."""
+        gone = set(self._owned) - {int(t) for t in present}
+        for task_id in gone:
+            del self._owned[task_id]
+        self._changed = self._changed or bool(gone)
+        return len(gone)
 
     def save(self) -> None:
         """Write the record when it changed (a rerun that claims nothing new writes nothing)."""

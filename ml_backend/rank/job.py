@@ -269,6 +269,11 @@ def _list_candidates(run: _Run, version: str) -> tuple[list[dict[str, Any]], lis
     run.timed("list", t0)
     if not tasks:
         raise _NothingToRank(f"project {run.project_id} has no tasks")
+    # The listing is the whole project (a failed page raises), so a task missing from it was deleted; its
+    # entry leaves the record the next time the record is saved.
+    forgotten = run.ownership.forget_absent(int(t["id"]) for t in tasks)
+    if forgotten:
+        log.info("project %s: review-column record forgets %d deleted tasks", run.project, forgotten)
     candidates = [t for t in tasks if not t.get("total_annotations") and not t.get("cancelled_annotations")]
     labelled = [t for t in tasks if t.get("total_annotations")]
     candidates.sort(key=lambda t: int(t["id"]))
