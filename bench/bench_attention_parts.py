@@ -51,6 +51,9 @@ VARIANTS: dict[str, physician.Arm] = {
     "no_input_gradient": physician.Arm(
         "no_input_gradient", "wbce", LossConfig(prediction="wbce", ignore_weight=0.0), "bias"
     ),
+    "input_gradient_painted_only": physician.Arm(
+        "input_gradient_painted_only", "wbce", LossConfig(prediction="wbce", input_gradient_on_propagated=False), "bias"
+    ),
     "no_evidence": physician.Arm("no_evidence", "wbce", LossConfig(prediction="wbce", evidence_weight=0.0), "bias"),
 }
 
@@ -87,9 +90,8 @@ def main() -> None:
     physician_args = argparse.Namespace(**{**vars(args), "folds": args.n_folds})
     setup = physician.load_setup(physician_args)
     path = RESULTS / f"{NAME}.json"
-    previous = json.loads(path.read_text()) if args.resume and path.exists() else {}
-    results: dict = previous.get("results", {})
-    seconds = float(previous.get("seconds", 0.0))
+    if not args.resume:
+        path.unlink(missing_ok=True)
     findings = list(setup.data.findings)
     shortcut = findings.index("Cardiomegaly")
     for fold in args.folds:
@@ -98,13 +100,13 @@ def main() -> None:
             sys.exit(f"{kept} is absent: run bench_physician.py for fold {fold} first, or pass --train-initial")
         for name in args.variants:
             key = f"fold{fold}"
-            if name in results.get(key, {}):
+            if name in stored(path)[0].get(key, {}):
                 continue
             started = time.time()
             out = physician.run_fold(fold, setup, physician_args, [VARIANTS[name]], initial_file=kept)
             labels = setup.data.labels[np.array(out["test_idx"])]
             rounds = out["arms"][name]
-            results.setdefault(key, {})[name] = [
+            measured = [
                 {
                     "budget": r["budget"],
                     "ignore_masks": r["ignore_masks"],
@@ -113,14 +115,23 @@ def main() -> None:
                 }
                 for r in rounds
             ]
+            # read again just before writing: parallel processes (one per fold) share the file
+            results, seconds = stored(path)
+            results.setdefault(key, {})[name] = measured
             seconds += time.time() - started
-            last = results[key][name][-1]
+            last = measured[-1]
             print(
                 f"fold {fold} {name:20s} ΔP {last['delta_p']:.3f} macro AUROC {last['macro_auroc']:.3f} "
                 f"macro F1 {last['macro_f1']:.3f} ({time.time() - started:.0f} s)",
                 flush=True,
             )
             write(args, results, seconds)
+
+
+def stored(path: Path) -> tuple[dict, float]:
+    """The variants measured so far and their fine-tuning seconds."""
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    return previous.get("results", {}), float(previous.get("seconds", 0.0))
 
 
 def write(args: argparse.Namespace, results: dict, seconds: float) -> None:
@@ -150,7 +161,12 @@ def write(args: argparse.Namespace, results: dict, seconds: float) -> None:
         "",
         common.md_table(headers, rows),
     ]
-    data = {"results": results, "seconds": seconds, "budgets": args.budgets, "finetune_epochs": args.finetune_epochs}
+    path = RESULTS / f"{NAME}.json"
+    commands = json.loads(path.read_text()).get("commands", []) if path.exists() else []
+    commands = sorted({*commands, common.command_line()})
+    sections[0:0] = ["Commands (processes side by side, one per fold, one torch thread each):", ""]
+    sections[2:2] = [*(f"- `{c}`" for c in commands), ""]
+    data = {"results": results, "seconds": seconds, "finetune_epochs": args.finetune_epochs, "commands": commands}
     common.write_results(NAME, "Attention mechanism: which part costs accuracy", sections, data)
 
 

@@ -53,3 +53,38 @@ def test_without_masks_nothing_changes() -> None:
     batch.has_ignore[:] = False
     assert ArtefactBank.from_examples(batch) is None
     assert counterfactual_batch(batch, None, torch.Generator()) is batch
+
+
+def test_input_gradient_term_can_be_kept_to_the_masks_physicians_painted() -> None:
+    """``gradient_rows`` (LossConfig.input_gradient_on_propagated=False): a propagated mask still feeds the
+    counterfactuals, but the input-gradient penalty counts only the painted ones."""
+    from ml_backend.explain.cam import HeatmapExplainer
+    from ml_backend.models.classifier import build_classifier
+    from ml_backend.train.losses import LossConfig, input_gradient_penalty
+    from ml_backend.train.trainer import train_step
+
+    torch.manual_seed(0)
+    model = build_classifier("resnet10t", 3).eval()  # frozen batch norm, as in fine-tuning: images independent
+    batch = constant_batch(n=4, size=32)
+    batch = ExampleTensors(
+        torch.randn_like(batch.images),
+        batch.targets,
+        torch.ones_like(batch.ignore),
+        torch.tensor([True, True, False, False]),  # image 0 painted, image 1 propagated
+        torch.zeros(4, 3, 1, 1),
+        batch.has_evidence,
+    )
+    explainer = HeatmapExplainer(model)
+    config = LossConfig(prediction="bce", evidence_weight=0.0)
+    ones = torch.ones(3)
+    _, both = train_step(explainer, batch, config, ones)
+    _, painted = train_step(explainer, batch, config, ones, gradient_rows=torch.tensor([True, False, False, False]))
+
+    def alone(i: int) -> float:
+        x = batch.images[i : i + 1].clone().requires_grad_(True)
+        return float(input_gradient_penalty(model(x), x, batch.ignore[i : i + 1]).detach())
+
+    assert abs(painted["ignore_gradient"] - alone(0)) < 1e-4 * max(1.0, alone(0))
+    assert abs(both["ignore_gradient"] - (alone(0) + alone(1)) / 2) < 1e-4 * max(1.0, alone(1))
+    _, none = train_step(explainer, batch, config, ones, gradient_rows=torch.zeros(4, dtype=torch.bool))
+    assert "ignore_gradient" not in none

@@ -28,6 +28,9 @@ from timm.loss import AsymmetricLossMultiLabel
 class LossConfig:
     prediction: str = "wbce"  # "wbce" (BCE with per-finding positive weights), "asl" or "bce"
     ignore_weight: float = 0.1  # m for the input-gradient term, relative to the prediction loss
+    # The input-gradient term also on masks the artefact detector propagated (its guesses), not only on those
+    # physicians painted.
+    input_gradient_on_propagated: bool = True
     evidence_weight: float = 0.1  # m for the heatmap-alignment term
     # Ignore masks also yield counterfactual images (counterfactual.py): artefacts removed from their images
     # and pasted onto this share of the others.

@@ -86,10 +86,12 @@ def train_step(
     config: LossConfig,
     pos_weight: torch.Tensor,
     weight: torch.Tensor | None = None,
+    gradient_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss for one batch; double backpropagation only over the images that carry an ignore mask. ``weight``:
-    the batch's (N, K) decorrelating loss weights, if any."""
-    masked = batch.has_ignore
+    the batch's (N, K) decorrelating loss weights, if any; ``gradient_rows``: (N,) bool, the images whose ignore
+    mask the input-gradient term may use (default: every masked image)."""
+    masked = batch.has_ignore if gradient_rows is None else batch.has_ignore & gradient_rows
     images = batch.images
     parts: dict[str, float] = {}
     x_masked: torch.Tensor | None = None
@@ -158,6 +160,7 @@ def fine_tune(
         weights, decorrelated = decorrelating_weights(data.targets, config.decorrelation)
         if not decorrelated:
             weights = None
+    painted = data.has_ignore.clone()  # before propagation: the masks physicians drew
     propagation: PropagationReport | None = None
     if config.propagation is not None and bool(data.has_ignore.any()):
         if progress:
@@ -189,7 +192,8 @@ def fine_tune(
             if bank is not None:
                 batch = counterfactual_batch(batch, bank, generator, config.loss.artefact_paste_rate)
             batch_weight = None if weights is None else weights[index].to(device)
-            loss, parts = train_step(explainer, batch, config.loss, pos_weight, batch_weight)
+            rows = None if config.loss.input_gradient_on_propagated else painted[index].to(device)
+            loss, parts = train_step(explainer, batch, config.loss, pos_weight, batch_weight, rows)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
