@@ -34,14 +34,15 @@ class _Env:
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """What one training job does (README: TRAIN_*, *_LOSS_WEIGHT, COUNTERFACTUALS, MASK_PROPAGATION,
-    DECORRELATE_COOCCURRENCE)."""
+    """What one training job does (README: TRAIN_*, *_LOSS_WEIGHT, IGNORE_GRADIENT_ON_PROPAGATED, COUNTERFACTUALS,
+    MASK_PROPAGATION, DECORRELATE_COOCCURRENCE)."""
 
     epochs: int = 5
     batch_size: int = 16
     lr: float = 3e-4
     prediction_loss: str = "wbce"
     ignore_weight: float = 0.1
+    ignore_gradient_on_propagated: bool = False  # see LossConfig.input_gradient_on_propagated
     evidence_weight: float = 0.1
     counterfactuals: bool = True
     artefact_paste_rate: float = 0.5
@@ -57,6 +58,7 @@ class TrainingSettings:
             lr=e.number("TRAIN_LR", 3e-4),
             prediction_loss=e.text("PRED_LOSS", "wbce") or "wbce",
             ignore_weight=e.number("IGNORE_LOSS_WEIGHT", 0.1),
+            ignore_gradient_on_propagated=e.flag("IGNORE_GRADIENT_ON_PROPAGATED", False),
             evidence_weight=e.number("EVIDENCE_LOSS_WEIGHT", 0.1),
             counterfactuals=e.flag("COUNTERFACTUALS", True),
             artefact_paste_rate=e.number("ARTEFACT_PASTE_RATE", 0.5),

@@ -28,9 +28,11 @@ from timm.loss import AsymmetricLossMultiLabel
 class LossConfig:
     prediction: str = "wbce"  # "wbce" (BCE with per-finding positive weights), "asl" or "bce"
     ignore_weight: float = 0.1  # m for the input-gradient term, relative to the prediction loss
-    # The input-gradient term also on masks the artefact detector propagated (its guesses), not only on those
-    # physicians painted.
-    input_gradient_on_propagated: bool = True
+    # The input-gradient term also on the masks the artefact detector propagated (its guesses), not only on those
+    # physicians painted. Off: on the 96 px headline folds it cost 0.05 macro AUROC and 0.04-0.06 on the shortcut
+    # finding for a few points of ΔP; propagated masks still feed the counterfactuals, which do most of the
+    # debiasing (bench/results/attention_parts.md).
+    input_gradient_on_propagated: bool = False
     evidence_weight: float = 0.1  # m for the heatmap-alignment term
     # Ignore masks also yield counterfactual images (counterfactual.py): artefacts removed from their images
     # and pasted onto this share of the others.
