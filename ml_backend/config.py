@@ -42,7 +42,7 @@ class TrainingSettings:
     lr: float = 3e-4
     prediction_loss: str = "wbce"
     ignore_weight: float = 0.1
-    ignore_gradient_on_propagated: bool = False  # see LossConfig.input_gradient_on_propagated
+    input_gradient_on_propagated: bool = False  # LossConfig.input_gradient_on_propagated: why it is off
     evidence_weight: float = 0.1
     counterfactuals: bool = True
     artefact_paste_rate: float = 0.5
@@ -58,7 +58,7 @@ class TrainingSettings:
             lr=e.number("TRAIN_LR", 3e-4),
             prediction_loss=e.text("PRED_LOSS", "wbce") or "wbce",
             ignore_weight=e.number("IGNORE_LOSS_WEIGHT", 0.1),
-            ignore_gradient_on_propagated=e.flag("IGNORE_GRADIENT_ON_PROPAGATED", False),
+            input_gradient_on_propagated=e.flag("IGNORE_GRADIENT_ON_PROPAGATED", False),
             evidence_weight=e.number("EVIDENCE_LOSS_WEIGHT", 0.1),
             counterfactuals=e.flag("COUNTERFACTUALS", True),
             artefact_paste_rate=e.number("ARTEFACT_PASTE_RATE", 0.5),

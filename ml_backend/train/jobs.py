@@ -50,7 +50,7 @@ def train_config(training: TrainingSettings) -> TrainConfig:
     loss = LossConfig(
         prediction=training.prediction_loss,
         ignore_weight=training.ignore_weight,
-        input_gradient_on_propagated=training.ignore_gradient_on_propagated,
+        input_gradient_on_propagated=training.input_gradient_on_propagated,
         evidence_weight=training.evidence_weight,
         counterfactuals=training.counterfactuals,
         artefact_paste_rate=training.artefact_paste_rate,
