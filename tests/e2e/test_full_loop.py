@@ -276,6 +276,61 @@ def render_error(
     }
 
 
+# -- what the physician sees -----------------------------------------------------------------------------------
+def test_labelling_page_screenshot(
+    ls: LabelStudioServer,
+    api: LabelStudioAPI,
+    project: int,
+    predicted: dict[int, dict[str, Any]],
+    images: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    from .screenshot import find_chromium, labelling_screenshot
+
+    if not find_chromium():
+        reason = "no chromium binary: install Debian's chromium (apt-get install chromium) for the screenshot"
+        if os.environ.get(E2E_ENV) == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    # Runs before the loop, on v0's predictions (the embedded default's, deterministic). After the loop, the
+    # editor shows the fine-tuned version's, which may predict no finding at all on the few unlabelled tasks
+    # (thresholds chosen on three corrections): the rendering would then go unchecked by chance, as it did once.
+    # A task whose newest prediction (the one the editor shows) has a heatmap in a clear colour.
+    colours = _label_colours()
+    vivid = {label for label, colour in colours.items() if colorsys.rgb_to_hsv(*(_rgb(colour) / 255))[1] >= 0.3}
+    task_id, current, labels = None, None, []
+    for tid in sorted(predicted):
+        if api.call("GET", f"/api/tasks/{tid}").get("annotations"):
+            continue
+        current = _latest(api.predictions(tid))
+        labels = [r["value"]["brushlabels"][0] for r in _brush_regions(current)]
+        if vivid & set(labels):
+            task_id = tid
+            break
+    assert task_id is not None and current is not None, "no unlabelled task with a heatmap prediction"
+    out = ARTIFACTS / "labelling-heatmap.png"
+    shot = labelling_screenshot(ls.url, ls.username, ls.password, project, task_id, out)
+    (ARTIFACTS / "labelling-heatmap.json").write_text(
+        json.dumps({"task": task_id, "image_rect": shot.image_rect, "prediction": current})
+    )
+    _say(f"screenshot of task {task_id} ({current['model_version']}: {labels}) in {shot.seconds:.1f} s -> {out}")
+    assert shot.image_rect and shot.image_rect["width"] > 300, shot.image_rect
+
+    pixels = np.asarray(Image.open(out).convert("RGB"), dtype=np.float32)
+    counts = heat_pixels(pixels, shot.image_rect, colours)
+    _say(f"heat-coloured pixels over the image: {counts}")
+    assert counts["_coloured"] > 0.05 * counts["_area"], "hardly any coloured pixel over the X-ray: no heatmap drawn"
+    matched = {label: counts[label] for label in labels if label in counts}
+    assert max(matched.values()) > 0.01 * counts["_area"], f"no predicted label's colour over the image: {matched}"
+
+    # The picture is the prediction's heatmaps over the X-ray: rendering them ourselves explains the screenshot
+    # better than the bare X-ray does. (How much better depends on how much of the image the heat covers: a
+    # small region leaves both errors close, so only the order is asserted.)
+    xray = images[0] / api.call("GET", f"/api/tasks/{task_id}")["data"]["file"]
+    errors = render_error(pixels, shot.image_rect, xray, _brush_regions(current), colours)
+    _say(f"mean |screenshot - rendering| per channel: {errors}")
+    assert errors["heatmaps"] < errors["bare"], errors
+
+
 # -- the loop ------------------------------------------------------------------------------------------------
 def test_full_loop(
     ls: LabelStudioServer,
@@ -387,55 +442,3 @@ def test_full_loop(
     order = _view_order(api, project, view_id)
     assert set(order[: len(unlabelled)]) == set(unlabelled), "tasks without a current-version score come last"
     _say(f"loop (connect → new version ranked) took {time.monotonic() - loop_started:.1f} s after LS start")
-
-
-# -- what the physician sees -----------------------------------------------------------------------------------
-def test_labelling_page_screenshot(
-    ls: LabelStudioServer,
-    api: LabelStudioAPI,
-    project: int,
-    predicted: dict[int, dict[str, Any]],
-    images: tuple[Path, list[dict[str, Any]]],
-) -> None:
-    from .screenshot import find_chromium, labelling_screenshot
-
-    if not find_chromium():
-        reason = "no chromium binary: install Debian's chromium (apt-get install chromium) for the screenshot"
-        if os.environ.get(E2E_ENV) == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    # An unlabelled task whose newest prediction (the one the editor shows) has a heatmap in a clear colour.
-    colours = _label_colours()
-    vivid = {label for label, colour in colours.items() if colorsys.rgb_to_hsv(*(_rgb(colour) / 255))[1] >= 0.3}
-    task_id, current, labels = None, None, []
-    for tid in sorted(predicted):
-        if api.call("GET", f"/api/tasks/{tid}").get("annotations"):
-            continue
-        current = _latest(api.predictions(tid))
-        labels = [r["value"]["brushlabels"][0] for r in _brush_regions(current)]
-        if vivid & set(labels):
-            task_id = tid
-            break
-    assert task_id is not None and current is not None, "no unlabelled task with a heatmap prediction"
-    out = ARTIFACTS / "labelling-heatmap.png"
-    shot = labelling_screenshot(ls.url, ls.username, ls.password, project, task_id, out)
-    (ARTIFACTS / "labelling-heatmap.json").write_text(
-        json.dumps({"task": task_id, "image_rect": shot.image_rect, "prediction": current})
-    )
-    _say(f"screenshot of task {task_id} ({current['model_version']}: {labels}) in {shot.seconds:.1f} s -> {out}")
-    assert shot.image_rect and shot.image_rect["width"] > 300, shot.image_rect
-
-    pixels = np.asarray(Image.open(out).convert("RGB"), dtype=np.float32)
-    counts = heat_pixels(pixels, shot.image_rect, colours)
-    _say(f"heat-coloured pixels over the image: {counts}")
-    assert counts["_coloured"] > 0.05 * counts["_area"], "hardly any coloured pixel over the X-ray: no heatmap drawn"
-    matched = {label: counts[label] for label in labels if label in counts}
-    assert max(matched.values()) > 0.01 * counts["_area"], f"no predicted label's colour over the image: {matched}"
-
-    # The picture is the prediction's heatmaps over the X-ray: rendering them ourselves explains the screenshot
-    # better than the bare X-ray does. (How much better depends on how much of the image the heat covers: a
-    # small region leaves both errors close, so only the order is asserted.)
-    xray = images[0] / api.call("GET", f"/api/tasks/{task_id}")["data"]["file"]
-    errors = render_error(pixels, shot.image_rect, xray, _brush_regions(current), colours)
-    _say(f"mean |screenshot - rendering| per channel: {errors}")
-    assert errors["heatmaps"] < errors["bare"], errors
