@@ -232,9 +232,50 @@ def test_the_record_forgets_deleted_tasks(tmp_path: Path) -> None:
     reread = ColumnOwnership(record)
     assert reread.forget_absent([2, 3]) == 1 and reread.forget_absent([2, 3]) == 0
     reread.save()
-    assert json.loads(record.read_text()) == {"keys": {RANK: [2]}}
+    assert json.loads(record.read_text())["keys"] == {RANK: [2]}
     # task 1 is gone from the record: a new task of that id would have its fields treated as the user's
     assert ColumnOwnership(record).writable(1, {RANK: "mine"}, [RANK]) == ([], [RANK])
+
+
+def test_chunk_claims_are_journalled_not_rewritten(tmp_path: Path) -> None:
+    """A first ranking claims columns chunk by chunk: each save appends one line, the record itself is written
+    once at the start and once when compacted (a rewrite per chunk made it quadratic)."""
+    record = tmp_path / "review_columns.json"
+    ownership = ColumnOwnership(record)
+    ownership.claim(1, [RANK])
+    ownership.save()  # no record yet: written whole
+    inode = record.stat().st_ino
+    for task_id in range(2, 12):
+        ownership.claim(task_id, [RANK, REASON])
+        ownership.save()
+    assert record.stat().st_ino == inode and len(ownership.journal.read_text().splitlines()) == 10
+    # a new job (or a crashed one's successor) sees every claim: the record plus its journal
+    reread = ColumnOwnership(record)
+    assert all(reread.writable(t, {RANK: 1, REASON: "x"}, [RANK, REASON])[0] == [RANK, REASON] for t in range(2, 12))
+    reread.compact()
+    assert not reread.journal.exists() and json.loads(record.read_text())["keys"][REASON] == list(range(2, 12))
+    assert ColumnOwnership(record).writable(11, {REASON: "x"}, [REASON]) == ([REASON], [])
+
+
+def test_a_torn_or_stale_journal_line_claims_nothing(tmp_path: Path) -> None:
+    record = tmp_path / "review_columns.json"
+    ownership = ColumnOwnership(record)
+    ownership.claim(1, [RANK])
+    ownership.save()
+    ownership.claim(2, [RANK])
+    ownership.save()
+    token = json.loads(record.read_text())["journal"]
+    with ownership.journal.open("a") as journal:
+        # a crash mid-append (before its PATCH), and a line of a record since rewritten
+        journal.write(json.dumps({"journal": "0" * 16, "claim": {RANK: [4]}}) + "\n")
+        journal.write(json.dumps({"journal": token, "claim": {RANK: [3]}})[:-7])
+    reread = ColumnOwnership(record)
+    mine = {t for t in (1, 2, 3, 4) if reread.writable(t, {RANK: "x"}, [RANK])[0]}
+    assert mine == {1, 2}  # 3 and 4 hold a field of that name MEDebiaser cannot show it wrote: the user's
+    # the next save folds the journal into the record: nothing is ever appended after a torn line
+    reread.claim(5, [RANK])
+    reread.save()
+    assert not reread.journal.exists() and json.loads(record.read_text())["keys"] == {RANK: [1, 2, 5]}
 
 
 def test_an_unsaveable_record_writes_no_column_and_stops_nothing(tmp_path: Path) -> None:

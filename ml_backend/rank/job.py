@@ -225,6 +225,7 @@ def _rank(run: _Run) -> dict[str, Any]:
         return _done(run, "dry-run", version, started=started, **found)
     written, updated = _write(run, loaded, schema, ranking, checkpoint, outputs, suggester)
     _clear_columns(run, labelled)
+    _compact_ownership(run)
     switched, view_id = _switch(run, version, loaded.labels)
     if view_id is not None or switched:
         checkpoint.prune_other_versions()
@@ -563,6 +564,15 @@ def _clear_columns(run: _Run, labelled: Sequence[dict[str, Any]]) -> None:
     run.columns["cleared"] += done.written
     run.columns["failed"] += done.failed
     run.timed("columns", t0)
+
+
+def _compact_ownership(run: _Run) -> None:
+    """Fold the chunks' journal of column claims into the record (rank/columns.py); if this fails, the next
+    job's first save does it."""
+    try:
+        run.ownership.compact()
+    except OSError as exc:
+        log.warning("project %s: %s not compacted: %s", run.project_id, run.ownership.path, exc)
 
 
 def _switch(run: _Run, version: str, labels: Sequence[str]) -> tuple[bool, int | None]:
