@@ -101,6 +101,9 @@ class Setup:
     # trainer for ``--scratch-epochs`` on nih1000 (the benchmark's first, weak setting)
     recipe: argparse.Namespace | None = None
     name: str = "nih1000"  # names the cache, so folds of different setups never mix
+    # each image's source (nih1000, or nih_hires and where it came from): their label mixes differ, so the
+    # summary is also given per source (shared/data/README.md); None when there is only one
+    sources: np.ndarray | None = None
 
     def describe(self) -> dict:
         shape = {
@@ -136,7 +139,7 @@ def load_setup(args: argparse.Namespace) -> Setup:
         base.evidence_regions(recipe.size, recipe.sets),
     )
     spec = sim.ModelSpec(backbone=recipe.backbone, output_stride=recipe.output_stride, input_size=recipe.size)
-    return Setup(data, spec, recipe, name)
+    return Setup(data, spec, recipe, name, np.asarray(raw["source"]))
 
 
 def cams_and_probs(model: torch.nn.Module, spec: sim.ModelSpec, images: np.ndarray):
@@ -550,6 +553,27 @@ def summarise(folds: list[dict], setup: Setup, args: argparse.Namespace, command
         return out
 
     match = {arm: matched(arm) for arm in ("attention_random", "attention_entropy", "attention_bald")}
+
+    # per source, at the final budget: a pooled figure can hide a finding learnt from one source only
+    per_source: dict[str, dict] = {}
+    if setup.sources is not None:
+        source = setup.sources[order]
+        for name in sorted(set(source.tolist())):
+            m = np.flatnonzero(source == name)
+            if len(m) < 50:
+                continue
+            per_source[str(name)] = {
+                "images": len(m),
+                "shortcut_positives": int(y[m, k].sum()),
+                "arms": {
+                    arm: {
+                        "delta_p": round(float(a["dp"][m].mean()), 4),
+                        "shortcut_auroc": _num(auroc(y[m, k], a["p"][m, k])),
+                        "macro_auroc": per_finding_metrics(y[m], a["p"][m], data.findings, 0.5)["macro_auroc"],
+                    }
+                    for arm, a in arrays.items()
+                },
+            }
     return {
         **{key: round(value, 2) if value is not None else None for key, value in point.items()},
         "intervals_95": intervals,
@@ -562,6 +586,7 @@ def summarise(folds: list[dict], setup: Setup, args: argparse.Namespace, command
             name: {k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in s.items()}
             for name, s in point_stats.items()
         },
+        "per_source": per_source,
         "per_fold_delta_p": {
             arm.name: [round(float(f["arms"][arm.name][-1]["delta_p"]), 4) for f in folds] for arm in ARMS
         }
@@ -585,6 +610,10 @@ def summarise(folds: list[dict], setup: Setup, args: argparse.Namespace, command
             "device": common.device_name(args.device),
         },
     }
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def write_outputs(summary: dict, out: Path) -> None:
@@ -668,6 +697,25 @@ def write_outputs(summary: dict, out: Path) -> None:
             f"| {name} | {s['delta_p']:.3f} | {s['shortcut_auroc']:.3f} | {s['macro_auroc']:.3f} | "
             f"{s['macro_f1']:.3f} | {s['eod_sex_worst']} | {s['eod_sex_shortcut']} |"
         )
+    if summary.get("per_source"):
+        sources = summary["per_source"]
+        lines += [
+            "",
+            "## Per source (final budget): ΔP / Cardiomegaly AUROC / macro AUROC",
+            "",
+            "| arm | "
+            + " | ".join(
+                f"{s} ({v['images']} images, {v['shortcut_positives']} Cardiomegaly)" for s, v in sources.items()
+            )
+            + " |",
+            "|---|" + "---|" * len(sources),
+        ]
+        for name in arms:
+            cells = []
+            for v in sources.values():
+                r = v["arms"][name]
+                cells.append(f"{r['delta_p']:.3f} / {_fmt(r['shortcut_auroc'])} / {_fmt(r['macro_auroc'])}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Per-fold ΔP at the final budget: `" + json.dumps(summary["per_fold_delta_p"]) + "`",

@@ -131,6 +131,8 @@ def test_physician_setup_from_a_base_recipe() -> None:
     setup = physician.load_setup(args)
     recipe = json.loads((ROOT / "bench" / "results" / "base_models_ema.json").read_text())["recipe"]
     assert len(setup.data) == 2337 and len(setup.data.regions) == 2337  # nih1000 + nih_hires
+    # the summary is given per source too: their label mixes differ
+    assert setup.sources is not None and len(setup.sources) == 2337 and {"nih1000"} < set(setup.sources.tolist())
     assert setup.data.findings == base.FINDINGS and set(setup.data.sex) == {"M", "F"}
     assert sum(bool(r) for r in setup.data.regions) >= 70  # ChestX-Det polygons and NIH boxes for evidence masks
     assert setup.spec.input_size == recipe["size"] and setup.spec.output_stride == recipe["output_stride"]
