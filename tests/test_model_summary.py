@@ -248,7 +248,10 @@ def test_chunk_claims_are_journalled_not_rewritten(tmp_path: Path) -> None:
     for task_id in range(2, 12):
         ownership.claim(task_id, [RANK, REASON])
         ownership.save()
-    assert record.stat().st_ino == inode and len(ownership.journal.read_text().splitlines()) == 10
+    assert (
+        record.stat().st_ino == inode
+        and len([line for line in ownership.journal.read_text().splitlines() if line]) == 10
+    )
     # a new job (or a crashed one's successor) sees every claim: the record plus its journal
     reread = ColumnOwnership(record)
     assert all(reread.writable(t, {RANK: 1, REASON: "x"}, [RANK, REASON])[0] == [RANK, REASON] for t in range(2, 12))
@@ -276,6 +279,15 @@ def test_a_torn_or_stale_journal_line_claims_nothing(tmp_path: Path) -> None:
     reread.claim(5, [RANK])
     reread.save()
     assert not reread.journal.exists() and json.loads(record.read_text())["keys"] == {RANK: [1, 2, 5]}
+    # and a line appended after a torn one still counts (each line starts on a line of its own)
+    reread.claim(6, [RANK])
+    reread.save()
+    token = json.loads(record.read_text())["journal"]
+    with reread.journal.open("a") as journal:
+        journal.write(json.dumps({"journal": token, "claim": {RANK: [7]}})[:-7])
+    reread.claim(8, [RANK])
+    reread.save()
+    assert {t for t in (6, 7, 8) if ColumnOwnership(record).writable(t, {RANK: "x"}, [RANK])[0]} == {6, 8}
 
 
 def test_an_unsaveable_record_writes_no_column_and_stops_nothing(tmp_path: Path) -> None:

@@ -134,6 +134,8 @@ class ColumnOwnership:
             lines = []
         self._rewrite = True  # fold it into the record at the first save: appends never follow a torn line
         for line in lines:
+            if not line.strip():
+                continue
             try:
                 entry = json.loads(line)
                 if not self._token or entry.get("journal") != self._token:
@@ -182,7 +184,8 @@ class ColumnOwnership:
         if self._rewrite or (self._unsaved and not self._token):
             self.compact()
         elif self._unsaved:
-            line = json.dumps({"journal": self._token, "claim": _by_key(self._unsaved)}) + "\n"
+            # the leading newline ends a torn line a crash may have left (blank lines are skipped)
+            line = "\n" + json.dumps({"journal": self._token, "claim": _by_key(self._unsaved)}) + "\n"
             try:
                 with open(self.journal, "a", encoding="utf-8") as handle:
                     handle.write(line)
