@@ -418,6 +418,7 @@ def effort_to_reach(start: float, efforts: list, delta_p: list, level: float) ->
 def summarise(folds: list[dict], setup: Setup, args: argparse.Namespace, command: str) -> dict:
     data = setup.data
     order = pooled(folds, lambda f: np.array(f["test_idx"]))
+    fold_of = pooled(folds, lambda f: np.full(len(f["test_idx"]), f["fold"]))
     y, sex, patients = data.labels[order].astype(bool), data.sex[order], data.patients[order]
     k = data.findings.index("Cardiomegaly")
     # the count-based F1 and equalized odds the product's metrics use for their own bootstraps: the same values
@@ -440,6 +441,13 @@ def summarise(folds: list[dict], setup: Setup, args: argparse.Namespace, command
 
     arrays = {name: arm_arrays(name) for name in ["clean", "initial_bce", "initial_wbce", *[a.name for a in ARMS]]}
 
+    def fold_mean(idx: np.ndarray, score) -> float:
+        # AUROC within each fold, then the mean: each fold's model has a calibration of its own, and an AUROC over
+        # pooled scores would also rank one fold's images against another's (issue 16's fold-level figures)
+        values = [score(idx[fold_of[idx] == f]) for f in np.unique(fold_of[idx])]
+        values = [v for v in values if v is not None and np.isfinite(v)]
+        return float(np.mean(values)) if values else float("nan")
+
     def stats(idx: np.ndarray, names: Sequence[str] = tuple(arrays), with_macro_auroc: bool = True) -> dict:
         res = {}
         for name in names:
@@ -448,13 +456,16 @@ def summarise(folds: list[dict], setup: Setup, args: argparse.Namespace, command
             eod = sex_eod(y[idx], pred, sex_codes[idx])  # per finding, then the worst
             res[name] = {
                 "delta_p": float(a["dp"][idx].mean()),
-                "shortcut_auroc": auroc(y[idx, k], a["p"][idx, k]),
+                "shortcut_auroc": fold_mean(idx, lambda i, p=a["p"]: auroc(y[i, k], p[i, k])),
                 "macro_f1": _num(_f1_vector(y[idx], pred)[-1]),
                 "eod_sex_worst": _num(eod[-1]),
                 "eod_sex_shortcut": _num(eod[k]),
             }
             if with_macro_auroc:
-                res[name]["macro_auroc"] = per_finding_metrics(y[idx], a["p"][idx], data.findings, 0.5)["macro_auroc"]
+                res[name]["macro_auroc"] = fold_mean(
+                    idx, lambda i, p=a["p"]: per_finding_metrics(y[i], p[i], data.findings, 0.5)["macro_auroc"]
+                )
+                res[name]["shortcut_auroc_pooled"] = auroc(y[idx, k], a["p"][idx, k])
         return res
 
     def compare(s: dict, reference: str, suffix: str = "") -> dict:
@@ -592,6 +603,12 @@ def summarise(folds: list[dict], setup: Setup, args: argparse.Namespace, command
         }
         | {"clean": [round(float(f["clean"]["dp"].mean()), 4) for f in folds]},
         "curves": curves,
+        # what the results cost: each fold's process wall time (initial models, arms and any --rerun-arms, arms
+        # the reruns replaced included), one torch thread per process, processes sharing the machine's cores
+        "compute_seconds": {
+            "per_fold": [round(f["seconds"] + f.get("rerun_seconds", 0.0)) for f in folds],
+            "total": round(sum(f["seconds"] + f.get("rerun_seconds", 0.0) for f in folds)),
+        },
         "seeds": len(folds),
         "budget": args.budgets,
         "cost_model_s": {
@@ -644,7 +661,10 @@ def write_outputs(summary: dict, out: Path) -> None:
         "",
         f"Command: `{summary['command']}`  ",
         f"Folds (= seeds): {summary['seeds']}, patient-level CV; budgets {summary['budget']}; "
-        f"model {summary['model']}; cost model {summary['cost_model_s']}.",
+        f"model {summary['model']}; cost model {summary['cost_model_s']}.  ",
+        f"Machine: {summary['machine']}; compute {summary['compute_seconds']['total'] / 3600:.1f} process-hours "
+        f"(per fold, s: {summary['compute_seconds']['per_fold']}; one torch thread per process, initial models "
+        "and reruns included).",
         "",
         "## Headline (full system vs baseline, pooled held-out predictions, 95% patient bootstrap intervals)",
         "",
@@ -689,19 +709,23 @@ def write_outputs(summary: dict, out: Path) -> None:
         "",
         "## Per arm (final budget)",
         "",
+        "AUROC: within each fold, then the mean over folds (pooled over folds in brackets); F1 and Equalized Odds "
+        "on the pooled thresholded predictions.",
+        "",
         "| arm | ΔP(marker) | Cardiomegaly AUROC | macro AUROC | macro-F1 | worst EOD (sex) | Cardiomegaly EOD (sex) |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, s in arms.items():
         lines.append(
-            f"| {name} | {s['delta_p']:.3f} | {s['shortcut_auroc']:.3f} | {s['macro_auroc']:.3f} | "
+            f"| {name} | {s['delta_p']:.3f} | {s['shortcut_auroc']:.3f} ({_fmt(s.get('shortcut_auroc_pooled'))}) | "
+            f"{s['macro_auroc']:.3f} | "
             f"{s['macro_f1']:.3f} | {s['eod_sex_worst']} | {s['eod_sex_shortcut']} |"
         )
     if summary.get("per_source"):
         sources = summary["per_source"]
         lines += [
             "",
-            "## Per source (final budget): ΔP / Cardiomegaly AUROC / macro AUROC",
+            "## Per source (final budget, AUROC over the pooled folds): ΔP / Cardiomegaly AUROC / macro AUROC",
             "",
             "| arm | "
             + " | ".join(
@@ -724,6 +748,15 @@ def write_outputs(summary: dict, out: Path) -> None:
         "",
     ]
     (out / "physician.md").write_text("\n".join(lines))
+
+
+def merge_rerun(cached: dict, rerun: dict, arms: Sequence[str]) -> dict:
+    """A cached fold with the ``arms`` a ``--rerun-arms`` run recomputed. Only those: a rerun checkpoint left by
+    an interrupted rerun of other arms must not replace them. The rerun's compute is added to the fold's, so the
+    summary reports what the results cost."""
+    merged = {**cached, "arms": {**cached["arms"], **{a: r for a, r in rerun["arms"].items() if a in arms}}}
+    merged["rerun_seconds"] = cached.get("rerun_seconds", 0.0) + rerun["seconds"]
+    return merged
 
 
 def main() -> None:
@@ -776,8 +809,8 @@ def main() -> None:
                 rerun = run_fold(
                     f, setup, args, todo, checkpoint=rerun_checkpoint, initial_file=initial_models_file(args, setup, f)
                 )
-                cached["arms"].update(rerun["arms"])
-                path.write_bytes(pickle.dumps(cached))
+                cached = merge_rerun(cached, rerun, args.rerun_arms)
+                write_atomic(path, pickle.dumps(cached))
                 rerun_checkpoint.unlink(missing_ok=True)
             folds.append(cached)
             continue
@@ -785,7 +818,7 @@ def main() -> None:
         if not args.resume:
             checkpoint.unlink(missing_ok=True)
         folds.append(run_fold(f, setup, args, checkpoint=checkpoint, initial_file=initial_models_file(args, setup, f)))
-        path.write_bytes(pickle.dumps(folds[-1]))
+        write_atomic(path, pickle.dumps(folds[-1]))  # a kill mid-write leaves no torn fold to resume from
         checkpoint.unlink(missing_ok=True)
     if len(folds) < (args.run_folds or args.folds):
         print(f"{len(folds)} folds cached so far; summarise once all are done (--resume)")

@@ -1,8 +1,9 @@
-"""Regenerate the README's issue-16 tables (base models, imbalance, co-occurrence) from bench/results/*.json.
+"""Regenerate the README's issue-16 tables (simulated physicians, base models, imbalance, co-occurrence) from
+bench/results/*.json.
 
 The README quotes numbers that a benchmark wrote; typing them by hand lets the two drift apart. This script
-rewrites the block between the two markers below from the results files, and ``--check`` (run by the tests)
-fails when the README's block differs from what the files say.
+rewrites each block between a pair of markers below from the results files, and ``--check`` (run by the tests)
+fails when a README block differs from what the files say.
 
 Run: ``.venv/bin/python bench/readme_tables.py`` (writes README.md) or ``--check``.
 """
@@ -20,6 +21,20 @@ RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
 START = "<!-- tables from bench/readme_tables.py: edit the results, not this block -->"
 END = "<!-- end of the generated tables -->"
+PHYSICIAN_START = "<!-- physician tables from bench/readme_tables.py: edit the results, not this block -->"
+PHYSICIAN_END = "<!-- end of the physician tables -->"
+# bench_physician's arms, as the README names them
+ARM_NAMES = {
+    "clean": "clean model (trained without markers)",
+    "initial_bce": "initial model, BCE",
+    "initial_wbce": "initial model, weighted BCE",
+    "baseline": "**baseline**: BCE, random order",
+    "imbalance": "weighted BCE, labels only, random order",
+    "attention_random": "attention loss, random order",
+    "attention_entropy": "attention loss, entropy order",
+    "attention_bald": "attention loss, BALD order",
+    "full": "**full system**: attention loss, bias-aware order",
+}
 # the clean-model runs, in the order the README shows them
 BASE_RUNS = (
     "base_models",
@@ -126,12 +141,82 @@ def cooccurrence_table() -> list[str]:
     return rows
 
 
-def block() -> str:
-    parts = [START, "", *base_models_table(), ""]
+def _change(summary: dict[str, Any], key: str, unit: str, digits: int = 1) -> str:
+    """A headline change from bench_physician's summary, its interval, and whether the interval excludes 0."""
+    value, interval = summary.get(key), summary["intervals_95"].get(key)
+    if value is None:
+        return "n/a"
+    text = f"{value:+.{digits}f}{unit}"
+    if interval:
+        text += f" [{interval[0]:+.{digits}f}, {interval[1]:+.{digits}f}]"
+        text += " **(gain)**" if interval[0] > 0 else " **(loss)**" if interval[1] < 0 else " (includes 0)"
+    return text
+
+
+def physician_tables() -> list[str]:
+    run = _load("summary")
+    if run is None or "per_arm" not in run:
+        return []
+    arms, model, reach = run["per_arm"], run["model"], run["annotations_to_90pct_of_full_reduction"]
+    clean, base, wbce, full = arms["clean"], arms["baseline"], arms["imbalance"], arms["full"]
+    compute = run.get("compute_seconds")
+    rows = [
+        f"Measured by `{run['command']}` ({run['seeds']} patient folds; {model.get('data', 'nih1000')}, "
+        f"{model['input']} px, {model['backbone']}"
+        + (f"; {compute['total'] / 3600:.1f} process-hours, one torch thread each" if compute else "")
+        + "). Changes: pooled held-out predictions at the last budget, 95% patient-bootstrap intervals.",
+        "",
+        "| full system vs | baseline (BCE, random order) | weighted BCE, labels only |",
+        "|---|---|---|",
+        f"| shortcut dependence ΔP reduction (%): {base['delta_p']:.3f} / {wbce['delta_p']:.3f} → "
+        f"{full['delta_p']:.3f} | {_change(run, 'shortcut_dependence_reduction_pct', '%')} | "
+        f"{_change(run, 'shortcut_dependence_reduction_pct_vs_imbalance', '%')} |",
+        f"| Cardiomegaly AUROC gap recovered (%): clean {clean['shortcut_auroc']:.3f}, "
+        f"{base['shortcut_auroc']:.3f} / {wbce['shortcut_auroc']:.3f} → {full['shortcut_auroc']:.3f} | "
+        f"{_change(run, 'auroc_gap_recovered_pct', '%')} | "
+        f"{_change(run, 'auroc_gap_recovered_pct_vs_imbalance', '%')} |",
+        f"| macro-F1 gain (points): {100 * base['macro_f1']:.1f} / {100 * wbce['macro_f1']:.1f} → "
+        f"{100 * full['macro_f1']:.1f} | {_change(run, 'macro_f1_gain_points', '')} | "
+        f"{_change(run, 'macro_f1_gain_points_vs_imbalance', '')} |",
+        f"| worst-finding Equalized Odds difference (sex), reduction (%): {base['eod_sex_worst']:.3f} / "
+        f"{wbce['eod_sex_worst']:.3f} → {full['eod_sex_worst']:.3f} | {_change(run, 'eod_reduction_pct', '%')} | "
+        f"{_change(run, 'eod_reduction_pct_vs_imbalance', '%')} |",
+        "",
+        "| arm (last budget) | ΔP (marker) | Cardiomegaly AUROC | macro AUROC | macro-F1 | worst EOD (sex) | "
+        "annotations to 90% of the full reduction |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, arm in arms.items():
+        needed = reach.get(name, {}).get("annotations") if name in reach else None
+        shown = "" if name not in reach else (f"{needed:.0f}" if needed is not None else f"> {run['budget'][-1]}")
+        rows.append(
+            f"| {ARM_NAMES.get(name, name)} | {arm['delta_p']:.3f} | {_f(arm['shortcut_auroc'])} | "
+            f"{_f(arm['macro_auroc'])} | {100 * arm['macro_f1']:.1f} | {_f(arm['eod_sex_worst'])} | {shown} |"
+        )
+    return rows
+
+
+def issue16_block() -> list[str]:
+    parts = [*base_models_table(), ""]
     for table in (imbalance_table(), cooccurrence_table()):
         if table:
             parts += [*table, ""]
-    return "\n".join([*parts, END])
+    return parts
+
+
+# each generated block: its markers and what fills it
+BLOCKS = ((PHYSICIAN_START, PHYSICIAN_END, physician_tables), (START, END, issue16_block))
+
+
+def regenerate(text: str) -> str:
+    for start, end, fill in BLOCKS:
+        if start not in text or end not in text:
+            raise ValueError(f"README.md lacks the markers {start!r} ... {end!r}")
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1]
+        body = fill()
+        text = head + "\n".join([start, "", *body, *([""] if body and body[-1] else []), end]) + tail
+    return text
 
 
 def main() -> int:
@@ -139,12 +224,11 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 when README.md's block is out of date")
     args = parser.parse_args()
     text = README.read_text()
-    if START not in text or END not in text:
-        print(f"README.md lacks the markers {START!r} ... {END!r}", file=sys.stderr)
+    try:
+        updated = regenerate(text)
+    except ValueError as missing:
+        print(missing, file=sys.stderr)
         return 1
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    updated = head + block() + tail
     if args.check:
         if updated != text:
             print("README.md's generated tables differ from bench/results: run bench/readme_tables.py", file=sys.stderr)

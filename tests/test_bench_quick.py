@@ -45,6 +45,9 @@ def test_physician_benchmark_quick_mode(tmp_path: Path) -> None:
     for name, row in arms.items():
         assert -1.0 <= row["delta_p"] <= 1.0, name
         assert 0.0 <= row["macro_auroc"] <= 1.0, name
+        # AUROC is taken within each fold, then averaged: with one fold that is the pooled AUROC
+        assert row["shortcut_auroc"] == pytest.approx(row["shortcut_auroc_pooled"], nan_ok=True), name
+    assert len(summary["compute_seconds"]["per_fold"]) == 1 and summary["compute_seconds"]["total"] > 0
     # every ordering reviewed exactly the budget, and the simulated physician painted masks where it saw markers
     for curve in summary["curves"].values():
         assert curve["budget"] == [10, 20] and curve["seconds"][-1] >= 20 * 20.0
@@ -197,3 +200,9 @@ def test_physician_fold_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     retrained = physician.run_fold(0, setup, more_epochs, [], checkpoint, initial_file=kept)
     assert not np.array_equal(retrained["initial"]["bce"]["p"], straight["initial"]["bce"]["p"])
     assert physician.initial_models_file(more_epochs, setup, 0) != kept  # each setting keeps a file of its own
+
+    # --rerun-arms merges only the arms asked for (a stale rerun checkpoint may hold others) and adds its compute
+    merged = physician.merge_rerun(straight, reused | {"arms": {**reused["arms"], **first["arms"]}}, ["imbalance"])
+    assert merged["arms"]["imbalance"] is reused["arms"]["imbalance"]
+    assert merged["arms"]["baseline"] is straight["arms"]["baseline"]
+    assert merged["rerun_seconds"] == reused["seconds"] and "rerun_seconds" not in straight
