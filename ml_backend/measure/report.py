@@ -566,7 +566,8 @@ def _trend_plot(versions: Sequence[Mapping[str, Any]], attrs: list[str]) -> str:
         ax.set_xlim(-0.3, max(len(x) - 0.7, 0.3))
         ax.grid(color="#eef0f3")
         ax.spines[["top", "right"]].set_visible(False)
-        ax.legend(fontsize=8.5, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+        if ax.get_legend_handles_labels()[0]:  # a version without fairness figures has no EOD line to name
+            ax.legend(fontsize=8.5, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     return _figure_html(fig, "Shaded bands: 95% bootstrap intervals. Each point is one model version, oldest "
                         "left; the right panel shows, per group attribute, the finding with the largest EOD.",
                         "trends across versions")  # fmt: skip
