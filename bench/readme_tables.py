@@ -52,6 +52,14 @@ def _load(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _change_cell(value: float | None, interval: list[float] | None, unit: str, missing: str = "n/a") -> str:
+    """ "+1.0% [-2.6, +4.4]", marked where the interval excludes zero (the issue's rule for a gain)."""
+    if value is None:
+        return missing
+    text = f"{value:+.1f}{unit}" + ("" if not interval else f" [{interval[0]:+.1f}, {interval[1]:+.1f}]")
+    return text + (" **(excludes 0)**" if interval and (interval[0] > 0 or interval[1] < 0) else "")
+
+
 def _f(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -120,11 +128,7 @@ def cooccurrence_table() -> list[str]:
     names = {"full": "attention loss", "decorrelated": "attention loss + decorrelating weights"}
 
     def change(key: str, arm: str, unit: str) -> str:
-        value, interval = run[f"{key}_{arm}"], every.get(f"{key}_{arm}")
-        if value is None:
-            return "n/a"
-        text = f"{value:+.1f}{unit}" + ("" if interval is None else f" [{interval[0]:+.1f}, {interval[1]:+.1f}]")
-        return text + (" **(excludes 0)**" if interval and (interval[0] > 0 or interval[1] < 0) else "")
+        return _change_cell(run[f"{key}_{arm}"], every.get(f"{key}_{arm}"), unit)
 
     rows = [
         f"| co-occurrence: {pair['finding']} trained nearly always with {pair['partner']}, decorrelated test | "
@@ -141,16 +145,10 @@ def cooccurrence_table() -> list[str]:
     return rows
 
 
-def _change(summary: dict[str, Any], key: str, unit: str, digits: int = 1) -> str:
-    """A headline change from bench_physician's summary, its interval, and whether the interval excludes 0."""
-    value, interval = summary.get(key), summary["intervals_95"].get(key)
-    if value is None:
-        return "n/a: no gap (clean model < 0.02 above)" if key.startswith("auroc_gap") else "n/a"
-    text = f"{value:+.{digits}f}{unit}"
-    if interval:
-        text += f" [{interval[0]:+.{digits}f}, {interval[1]:+.{digits}f}]"
-        text += " **(gain)**" if interval[0] > 0 else " **(loss)**" if interval[1] < 0 else " (includes 0)"
-    return text
+def _change(summary: dict[str, Any], key: str, unit: str) -> str:
+    """A headline change from bench_physician's summary with its interval."""
+    missing = "n/a: no gap (clean model < 0.02 above)" if key.startswith("auroc_gap") else "n/a"
+    return _change_cell(summary.get(key), summary["intervals_95"].get(key), unit, missing)
 
 
 def _signed(value: float | None) -> str:
@@ -204,7 +202,7 @@ def physician_tables() -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for name, arm in arms.items():
-        needed = reach.get(name, {}).get("annotations") if name in reach else None
+        needed = reach.get(name, {}).get("annotations")
         shown = "" if name not in reach else (f"{needed:.0f}" if needed is not None else f"> {run['budget'][-1]}")
         rows.append(
             f"| {ARM_NAMES.get(name, name)} | {arm['delta_p']:.3f} | {_f(arm['shortcut_auroc'])} | "
