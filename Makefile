@@ -7,11 +7,11 @@ TORCH_INDEX_URL ?=
 
 .PHONY: install run worker test test-fast lint bench demo clean
 
-$(BIN)/medebiaser: pyproject.toml
+$(BIN)/medebiaser: pyproject.toml constraints/project.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	if [ -n "$(TORCH_INDEX_URL)" ]; then $(BIN)/pip install -q torch torchvision --index-url $(TORCH_INDEX_URL); fi
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev]' -c constraints/project.txt
 	touch $@
 
 install: $(BIN)/medebiaser
