@@ -52,10 +52,15 @@ def combo_name(weights: tuple[tuple[str, float], ...]) -> str:
 DEFAULT_BUDGETS = [30, 60, 120]
 
 
-def ablation_arms(signals: tuple[str, ...], combos: tuple[str, ...] = ()) -> list[physician.Arm]:
+def ablation_arms(
+    signals: tuple[str, ...], combos: tuple[str, ...] = (), with_random: bool = True
+) -> list[physician.Arm]:
+    """The reference arms (random order unless ``with_random`` is False, BALD, the default ranking), one drop-one
+    arm per signal and one arm per combination of weights."""
     weighted = [parse_combo(c) for c in combos]
+    random_arm = [physician.Arm("attention_random", "wbce", ATTENTION, "random")] if with_random else []
     return [
-        physician.Arm("attention_random", "wbce", ATTENTION, "random"),
+        *random_arm,
         physician.Arm("attention_bald", "wbce", ATTENTION, "bald"),
         physician.Arm("full", "wbce", ATTENTION, "bias"),
         *[physician.Arm(f"full_without_{s}", "wbce", ATTENTION, "bias", ((s, 0.0),)) for s in signals],
@@ -134,7 +139,8 @@ def write_outputs(result: dict, out: Path, suffix: str = "") -> None:
         return f"{n:.0f}" if n is not None else f">{budget_cap}"
 
     pooled, per_fold, final = result["pooled"], result["per_fold"], result["final_delta_p"]
-    random_n = pooled["attention_random"]
+    random_n = pooled.get("attention_random")
+    random_run = "attention_random" in pooled
     lines = [
         "# Ranking ablation: which signals earn their place (`bench/bench_rank_ablation.py`)",
         "",
@@ -160,6 +166,7 @@ def write_outputs(result: dict, out: Path, suffix: str = "") -> None:
         n = pooled[arm]
         base = random_n if random_n is not None else float(budget_cap)
         versus = f"{100 * (1 - n / base):.0f}%" + ("" if random_n is not None else " (≥)") if n is not None else ""
+        versus = versus if random_run else "not run"
         folds_text = ", ".join(show(v) for v in per_fold[arm])
         lines.append(f"| {arm} | {show(n)} | {versus} | {folds_text} | {', '.join(f'{v:.3f}' for v in final[arm])} |")
     lines += [
@@ -191,6 +198,10 @@ def main() -> None:
     parser.add_argument(
         "--combos", nargs="*", default=[], help="other weightings of the bias strategy, e.g. epistemic=3,heatmap=1"
     )
+    parser.add_argument(
+        "--without-random", action="store_true", help="skip the random-order arm (a drop-one study compares to full)"
+    )
+    parser.add_argument("--tag", default="", help="a name for this study in its cache and results files")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--resume", action="store_true", help="reuse folds saved by an earlier run")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -200,7 +211,7 @@ def main() -> None:
         args.signals = ["heatmap", "epistemic"]
     setup = physician.load_setup(args)
     try:
-        arms = ablation_arms(tuple(args.signals), tuple(args.combos))
+        arms = ablation_arms(tuple(args.signals), tuple(args.combos), with_random=not args.without_random)
     except ValueError as error:
         parser.error(str(error))
     command = shared_command(sys.argv[1:])
@@ -216,6 +227,7 @@ def main() -> None:
     # budgets other than the default grid are another experiment: their own cache and results files
     if not args.quick and args.budgets != DEFAULT_BUDGETS:
         suffix += "_budgets" + "-".join(map(str, args.budgets))
+    suffix += f"_{args.tag}" if args.tag else ""
     cache = args.out / f".cache_rank_ablation{suffix}"
     cache.mkdir(parents=True, exist_ok=True)
     folds = []

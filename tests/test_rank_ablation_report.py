@@ -1,0 +1,55 @@
+"""bench_rank_ablation's arms and report without training anything: a drop-one study run without the random arm
+must say so in its table rather than compare against a random order it never ran."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_rank_ablation as ablation  # noqa: E402
+
+
+def _result(arms: list[str], pooled: dict[str, float | None]) -> dict:
+    return {
+        "arms": arms,
+        "pooled": pooled,
+        "per_fold": {arm: [pooled[arm]] for arm in arms},
+        "final_delta_p": {arm: [0.01] for arm in arms},
+        "start_delta_p": [0.3],
+        "budgets": [10, 20, 30, 60, 120],
+        "commands": ["python bench/bench_rank_ablation.py --without-random"],
+        "machine": "test",
+        "seconds": 1.0,
+        "folds": 1,
+        "split_seed": 0,
+        "initial_delta_p_spread": 0.0,
+    }
+
+
+def test_arms_without_random_keep_the_references_and_drop_one_arms() -> None:
+    names = [a.name for a in ablation.ablation_arms(("heatmap", "rarity"), with_random=False)]
+    assert names == ["attention_bald", "full", "full_without_heatmap", "full_without_rarity"]
+    with_random = [a.name for a in ablation.ablation_arms(("heatmap",))]
+    assert with_random[0] == "attention_random" and with_random[1:] == names[:3]
+
+
+def test_report_without_random_says_not_run(tmp_path: Path) -> None:
+    arms = ["attention_bald", "full", "full_without_heatmap"]
+    pooled = {"attention_bald": 10.0, "full": 13.0, "full_without_heatmap": None}
+    ablation.write_outputs(_result(arms, pooled), tmp_path)
+    rows = {line.split(" | ")[0]: line for line in (tmp_path / "rank_ablation.md").read_text().splitlines()}
+    assert rows["| attention_bald"] == "| attention_bald | 10 | not run | 10 | 0.010 |"
+    assert rows["| full_without_heatmap"] == "| full_without_heatmap | >120 | not run | >120 | 0.010 |"
+
+
+def test_report_with_random_compares_to_it(tmp_path: Path) -> None:
+    arms = ["attention_random", "full"]
+    ablation.write_outputs(_result(arms, {"attention_random": 100.0, "full": 25.0}), tmp_path)
+    table = (tmp_path / "rank_ablation.md").read_text()
+    assert "| full | 25 | 75% | 25 | 0.010 |" in table
+    # random never reaching the target: the saving is a lower bound against the last budget
+    ablation.write_outputs(_result(arms, {"attention_random": None, "full": 30.0}), tmp_path)
+    assert "| full | 30 | 75% (≥) | 30 | 0.010 |" in (tmp_path / "rank_ablation.md").read_text()
