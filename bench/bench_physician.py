@@ -368,7 +368,9 @@ def run_fold(
             finetune = replace(spec.finetune, loss=arm.loss, epochs=args.finetune_epochs)
             if not arm.propagation:
                 finetune = replace(finetune, propagation=None)
-            sim.train(model, tensors, finetune, fold)
+            # what propagation did this round: a round whose detector declined trains on the physicians' masks
+            # alone, and the dependence can come back (the bounces between rounds in physician.md)
+            propagation = sim.train(model, tensors, finetune, fold).propagation
             model.eval()
             m = measure(model)
             rounds.append(
@@ -379,13 +381,20 @@ def run_fold(
                     "markers_shown": int(sum(marker_masks[i] is not None for i in annotated)),
                     "ignore_masks": len(ignore),
                     "evidence_images": len(evidence),
+                    "propagated": 0 if propagation is None else propagation.propagated,
+                    "propagation_skipped": "" if propagation is None else propagation.skipped,
                     **m,
                 }
             )
         out["arms"][arm.name] = rounds
         print(
             f"fold {fold} {arm.name:18s} "
-            + " ".join(f"[{r['budget']}: ΔP {r['delta_p']:.3f} ign {r['ignore_masks']}]" for r in rounds),
+            + " ".join(
+                f"[{r['budget']}: ΔP {r['delta_p']:.3f} ign {r['ignore_masks']} prop {r['propagated']}"
+                + (" declined" if r["propagation_skipped"] else "")
+                + "]"
+                for r in rounds
+            ),
             flush=True,
         )
         save(out, initial)

@@ -170,6 +170,8 @@ def test_physician_fold_resumes_from_its_checkpoint(tmp_path: Path) -> None:
 
     first = physician.run_fold(0, setup, args, [baseline], checkpoint=checkpoint, initial_file=kept)
     assert checkpoint.exists() and set(first["arms"]) == {"baseline"} and kept.exists()
+    # each round records what mask propagation did (none here: the baseline arm has no attention loss)
+    assert [(r["propagated"], r["propagation_skipped"]) for r in first["arms"]["baseline"]] == [(0, "")]
     resumed = physician.run_fold(0, setup, args, [baseline, imbalance], checkpoint=checkpoint)
     straight = physician.run_fold(0, setup, args, [baseline, imbalance])
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -53,3 +55,21 @@ def test_report_with_random_compares_to_it(tmp_path: Path) -> None:
     # random never reaching the target: the saving is a lower bound against the last budget
     ablation.write_outputs(_result(arms, {"attention_random": None, "full": 30.0}), tmp_path)
     assert "| full | 30 | 75% (≥) | 30 | 0.010 |" in (tmp_path / "rank_ablation.md").read_text()
+
+
+def test_mean_delta_p_over_budgets_is_the_area_under_the_curve_from_the_initial_model() -> None:
+    import numpy as np
+
+    fold = {"initial": {"wbce": {"dp": np.array([0.2, 0.4])}}, "arms": {"full": [{"delta_p": 0.1}, {"delta_p": 0.0}]}}
+    # trapezoids from (0, 0.3) to (10, 0.1) to (20, 0.0): (2.0 + 0.5) / 20
+    assert ablation.mean_delta_p_over_budgets(fold, "full", [10, 20]) == pytest.approx(0.125)
+
+
+def test_report_shows_each_arms_paired_difference_from_full(tmp_path: Path) -> None:
+    arms = ["attention_bald", "full"]
+    result = _result(arms, {"attention_bald": 10.0, "full": 13.0})
+    result["mean_delta_p_over_budgets"] = {"attention_bald": [0.05], "full": [0.03]}
+    ablation.write_outputs(result, tmp_path)
+    table = (tmp_path / "rank_ablation.md").read_text()
+    assert "| attention_bald | 0.0500 | 0.0500 | +0.0200 | 0 of 1 |" in table
+    assert "| full | 0.0300 | 0.0300 | +0.0000 | 0 of 1 |" in table
