@@ -78,6 +78,8 @@ class Arm:
     signal_weights: tuple[tuple[str, float], ...] = ()
     # mask propagation (the artefact detector) before fine-tuning; False: physicians' masks only
     propagation: bool = True
+    # where a round's detector fit declines, try the last accepted round's detector (an experiment, off by default)
+    keep_detector: bool = False
 
 
 NO_ATTENTION = dict(ignore_weight=0.0, evidence_weight=0.0, counterfactuals=False)
@@ -319,6 +321,7 @@ def run_fold(
         evidence: dict[int, dict[int, np.ndarray]] = {}
         seconds = 0.0
         rounds = []
+        last_detector = None  # the last round's accepted artefact detector (Arm.keep_detector)
         for budget in args.budgets:
             candidates = np.array([i for i in range(len(train)) if i not in set(annotated)])
             probs, cams, feats, x = cams_and_probs(model, spec, train_images[candidates])
@@ -370,7 +373,10 @@ def run_fold(
                 finetune = replace(finetune, propagation=None)
             # what propagation did this round: a round whose detector declined trains on the physicians' masks
             # alone, and the dependence can come back (the bounces between rounds in physician.md)
-            propagation = sim.train(model, tensors, finetune, fold).propagation
+            previous = last_detector if arm.keep_detector else None
+            propagation = sim.train(model, tensors, finetune, fold, previous_detector=previous).propagation
+            if propagation is not None and propagation.detector is not None:
+                last_detector = propagation.detector
             model.eval()
             m = measure(model)
             rounds.append(
@@ -383,6 +389,7 @@ def run_fold(
                     "evidence_images": len(evidence),
                     "propagated": 0 if propagation is None else propagation.propagated,
                     "propagation_skipped": "" if propagation is None else propagation.skipped,
+                    "detector_from": "" if propagation is None else propagation.detector_from,
                     **m,
                 }
             )
@@ -392,6 +399,7 @@ def run_fold(
             + " ".join(
                 f"[{r['budget']}: ΔP {r['delta_p']:.3f} ign {r['ignore_masks']} prop {r['propagated']}"
                 + (" declined" if r["propagation_skipped"] else "")
+                + (" kept" if r["detector_from"] == "previous" else "")
                 + "]"
                 for r in rounds
             ),

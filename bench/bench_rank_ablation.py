@@ -53,11 +53,17 @@ DEFAULT_BUDGETS = [30, 60, 120]
 
 
 def ablation_arms(
-    signals: tuple[str, ...], combos: tuple[str, ...] = (), with_random: bool = True
+    signals: tuple[str, ...], combos: tuple[str, ...] = (), with_random: bool = True, keep_detector: bool = False
 ) -> list[physician.Arm]:
     """The reference arms (random order unless ``with_random`` is False, BALD, the default ranking), one drop-one
-    arm per signal and one arm per combination of weights."""
+    arm per signal, one arm per combination of weights and, with ``keep_detector``, the default ranking and BALD
+    order with rounds that fall back to the last accepted artefact detector where a new fit declines."""
     weighted = [parse_combo(c) for c in combos]
+    kept = [
+        physician.Arm(f"{name}_keep_detector", "wbce", ATTENTION, order, keep_detector=True)
+        for name, order in (("full", "bias"), ("attention_bald", "bald"))
+        if keep_detector
+    ]
     random_arm = [physician.Arm("attention_random", "wbce", ATTENTION, "random")] if with_random else []
     return [
         *random_arm,
@@ -65,6 +71,7 @@ def ablation_arms(
         physician.Arm("full", "wbce", ATTENTION, "bias"),
         *[physician.Arm(f"full_without_{s}", "wbce", ATTENTION, "bias", ((s, 0.0),)) for s in signals],
         *[physician.Arm(combo_name(w), "wbce", ATTENTION, "bias", w) for w in weighted],
+        *kept,
     ]
 
 
@@ -233,6 +240,11 @@ def main() -> None:
     parser.add_argument(
         "--without-random", action="store_true", help="skip the random-order arm (a drop-one study compares to full)"
     )
+    parser.add_argument(
+        "--keep-detector",
+        action="store_true",
+        help="add full_ and attention_bald_keep_detector: the last accepted detector kept",
+    )
     parser.add_argument("--tag", default="", help="a name for this study in its cache and results files")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--resume", action="store_true", help="reuse folds saved by an earlier run")
@@ -243,7 +255,12 @@ def main() -> None:
         args.signals = ["heatmap", "epistemic"]
     setup = physician.load_setup(args)
     try:
-        arms = ablation_arms(tuple(args.signals), tuple(args.combos), with_random=not args.without_random)
+        arms = ablation_arms(
+            tuple(args.signals),
+            tuple(args.combos),
+            with_random=not args.without_random,
+            keep_detector=args.keep_detector,
+        )
     except ValueError as error:
         parser.error(str(error))
     command = shared_command(sys.argv[1:])

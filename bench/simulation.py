@@ -23,6 +23,7 @@ from ml_backend.measure.metrics import age_bins, choose_thresholds, evaluate_ver
 from ml_backend.measure.shortcut import MARKER_KINDS, shortcut_dependence, stamp_marker
 from ml_backend.models.classifier import build_classifier, normalisation, to_input_tensor
 from ml_backend.train.examples import Example, ExampleTensors, tensorise
+from ml_backend.train.mask_propagation import ArtefactDetector
 from ml_backend.train.trainer import TrainConfig, TrainingRun, fine_tune, heatmap_grid, predict_probabilities
 
 DEFAULT_FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Effusion", "Infiltration", "Pneumothorax")
@@ -190,8 +191,10 @@ def make_tensors(
     return tensorise(examples, labels.shape[1], spec.input_size, grid, mean, std)
 
 
-def train(model: torch.nn.Module, tensors, config: TrainConfig, seed: int) -> TrainingRun:
-    return fine_tune(model, tensors, replace(config, seed=seed))
+def train(
+    model: torch.nn.Module, tensors, config: TrainConfig, seed: int, previous_detector: ArtefactDetector | None = None
+) -> TrainingRun:
+    return fine_tune(model, tensors, replace(config, seed=seed), previous_detector=previous_detector)
 
 
 def probabilities(model: torch.nn.Module, spec: ModelSpec, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:

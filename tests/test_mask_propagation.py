@@ -21,6 +21,7 @@ from ml_backend.train.mask_propagation import (
     PropagationConfig,
     _artefact_cells,
     _fit,
+    _previous_passes,
     propagate_ignore_masks,
 )
 from ml_backend.train.trainer import TrainConfig, fine_tune
@@ -156,3 +157,51 @@ def test_experts_find_two_kinds_of_artefact_one_linear_detector_cannot() -> None
     # few positive cells: as many experts as min_rows_per_expert allows, never an expert without positives
     few = _fit(x[:610], np.r_[np.zeros(600, int), np.ones(10, int)], PropagationConfig(experts=3), seed=0)
     assert len(few.regressions) == 1
+
+
+def _separating_detector(sign: float = 1.0, channels: int = 2) -> ArtefactDetector:
+    """Feature 0 above 0 is the artefact (sign -1: the opposite, a detector that no longer fits the features)."""
+    coef = np.zeros((1, channels))
+    coef[0, 0] = 4.0 * sign
+    return ArtefactDetector(np.zeros(channels), np.ones(channels), coef, np.zeros(1), threshold=0.5)
+
+
+def test_a_previous_detector_is_kept_only_where_it_still_passes_the_gate() -> None:
+    rng = np.random.default_rng(0)
+    positives = np.c_[rng.uniform(1, 2, 8), rng.normal(size=8)]  # one artefact cell on each of 8 images
+    negatives = np.c_[rng.uniform(-2, -1, 800), rng.normal(size=800)]
+    x, y = np.r_[positives, negatives], np.r_[np.ones(8), np.zeros(800)].astype(int)
+    g = np.r_[np.arange(8), np.repeat(np.arange(8), 100)]
+    config, quantile = PropagationConfig(), 1.0 - 0.5 / 256  # 0.5 false cells allowed per 16x16 image
+    kept, why = _previous_passes(_separating_detector(), x, y, g, config, quantile)
+    assert kept is not None and why == ""
+    assert _previous_passes(None, x, y, g, config, quantile) == (None, "")  # nothing kept: nothing to say
+    # features that moved: it finds none of the masked images
+    kept, why = _previous_passes(_separating_detector(-1.0), x, y, g, config, quantile)
+    assert kept is None and "finds 0 of 8" in why
+    # it marks too many negative cells: 10% of them now look like the artefact
+    noisy = x.copy()
+    noisy[8:88, 0] = 1.5
+    kept, why = _previous_passes(_separating_detector(), noisy, y, g, config, quantile)
+    assert kept is None and "negative cells" in why
+    # a detector of another backbone (other channel count) is never applied
+    kept, why = _previous_passes(_separating_detector(channels=3), x, y, g, config, quantile)
+    assert kept is None and "other features" in why
+
+
+def test_a_declined_fit_falls_back_to_the_previous_detector_only_if_it_passes(tagged: dict) -> None:
+    """An untrained model's fit declines (seed 0, above). A detector accepted on the trained model's features is
+    then tried on the untrained ones: it is refused, and says so, or kept and then masks mostly real tags."""
+    tensors, markers, chosen = tagged["tensors"], tagged["markers"], tagged["chosen"]
+    _, accepted = propagate_ignore_masks(tagged["model"], tensors)
+    assert accepted.detector is not None and accepted.detector_from == "fit"
+    untrained = sim.new_model(tagged["spec"], tensors.targets.shape[1], seed=0)
+    out, report = propagate_ignore_masks(untrained, tensors, previous=accepted.detector)
+    if report.detector_from == "previous":
+        assert not report.skipped and report.detector is accepted.detector and report.propagated > 0
+        score = sim.score_propagation(out, markers, chosen)
+        print(f"kept: found {score['marked_found']:.2f}, clean masked {score['clean_masked']:.4f}")
+        assert score["clean_masked"] <= 0.08
+    else:
+        assert out is tensors and report.propagated == 0 and report.detector is None
+        assert "held-out" in report.skipped and "the previous detector" in report.skipped, report.skipped

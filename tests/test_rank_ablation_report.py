@@ -36,6 +36,11 @@ def test_arms_without_random_keep_the_references_and_drop_one_arms() -> None:
     assert names == ["attention_bald", "full", "full_without_heatmap", "full_without_rarity"]
     with_random = [a.name for a in ablation.ablation_arms(("heatmap",))]
     assert with_random[0] == "attention_random" and with_random[1:] == names[:3]
+    kept = [a for a in ablation.ablation_arms((), with_random=False, keep_detector=True) if a.keep_detector]
+    assert [(a.name, a.order) for a in kept] == [
+        ("full_keep_detector", "bias"),
+        ("attention_bald_keep_detector", "bald"),
+    ]
 
 
 def test_report_without_random_says_not_run(tmp_path: Path) -> None:

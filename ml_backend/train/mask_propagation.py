@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -80,6 +81,7 @@ class PropagationReport:
     seconds: float = 0.0
     rejected_images: int = 0  # images whose suggested ignore regions physicians deleted: negatives for the fit
     rejected_cells: int = 0
+    detector_from: str = ""  # "fit": this run's fit; "previous": a detector passed in, kept when the fit declined
     detector: ArtefactDetector | None = field(default=None, repr=False)  # saved with the version (suggestions)
 
     def to_json(self) -> dict:
@@ -225,13 +227,18 @@ def propagate_ignore_masks(
     config: PropagationConfig | None = None,
     seed: int = 0,
     rejected: tuple[torch.Tensor, torch.Tensor] | None = None,
+    previous: ArtefactDetector | None = None,
 ) -> tuple[ExampleTensors, PropagationReport]:
     """``data`` with ignore masks added where the detector finds a physician-marked artefact, and a report.
 
     ``rejected``: (images (R, 3, S, S), masks (R, 1, S, S)) of suggested ignore regions physicians deleted; the
-    cells under them are negatives for the fit and for the threshold (the detector learns it was wrong there)."""
+    cells under them are negatives for the fit and for the threshold (the detector learns it was wrong there).
+    ``previous``: a detector an earlier run accepted. Where this run's fit fails its held-out gate, the previous
+    one is used instead if it passes the same tests on this model's features: it finds the share of the masked
+    images the gate asks for, with no more false cells than the threshold allows. Without it, a declined round
+    trains on the painted masks alone and the shortcut can come back (rank_ablation_fold4_propagation_probe.md)."""
     started = time.perf_counter()
-    data, report = _propagate(model, data, config or PropagationConfig(), seed, rejected)
+    data, report = _propagate(model, data, config or PropagationConfig(), seed, rejected, previous)
     report.seconds = time.perf_counter() - started
     log.info("mask propagation: %s", report.to_json())
     return data, report
@@ -261,6 +268,7 @@ def _propagate(
     config: PropagationConfig,
     seed: int,
     rejected: tuple[torch.Tensor, torch.Tensor] | None = None,
+    previous: ArtefactDetector | None = None,
 ) -> tuple[ExampleTensors, PropagationReport]:
     masked = data.has_ignore.nonzero()[:, 0]
     unmasked = (~data.has_ignore).nonzero()[:, 0]
@@ -324,14 +332,27 @@ def _propagate(
     seen = np.unique(g[(y == 1) & (heldout > threshold)])
     report.heldout_images = len(masked_groups)
     report.heldout_images_seen = len(seen)
+    score: Callable[[np.ndarray], np.ndarray]
     if len(seen) < config.min_heldout_images_found * len(masked_groups):  # e.g. a barely trained model: noise
-        report.skipped = (
+        declined = (
             f"the detector finds {len(seen)} of {len(masked_groups)} held-out masked images "
             f"({report.heldout_cell_recall:.0%} of their artefact cells)"
         )
-        return data, report
-    detector = _fit(x, y, config, seed)
-    report.detector = ArtefactDetector.from_fitted(detector, threshold)
+        kept, why_not = _previous_passes(previous, x, y, g, config, quantile)
+        if kept is None:
+            report.skipped = declined + (f"; {why_not}" if why_not else "")
+            return data, report
+        threshold, score = kept.threshold, kept.probabilities
+        report.threshold, report.detector, report.detector_from = threshold, kept, "previous"
+        report.heldout_cell_recall = float((kept.probabilities(x[y == 1]) > threshold).mean())
+        report.heldout_images_seen = len(np.unique(g[(y == 1) & (kept.probabilities(x) > threshold)]))
+    else:
+        fitted = _fit(x, y, config, seed)
+        score, report.detector, report.detector_from = (
+            fitted.predict,
+            ArtefactDetector.from_fitted(fitted, threshold),
+            "fit",
+        )
 
     ignore = data.ignore.clone()
     has_ignore = data.has_ignore.clone()
@@ -339,7 +360,7 @@ def _propagate(
         index = unmasked[start : start + config.batch_size]
         f = hypercolumns(model, data.images[index], config.batch_size)
         n, c, h, w = f.shape
-        prob = detector.predict(f.permute(0, 2, 3, 1).reshape(-1, c).numpy()).reshape(n, h, w)
+        prob = score(f.permute(0, 2, 3, 1).reshape(-1, c).numpy()).reshape(n, h, w)
         cells = _artefact_cells(prob, threshold, config)
         found = cells.any(axis=(1, 2))
         if found.any():
@@ -348,3 +369,29 @@ def _propagate(
             has_ignore[index[found]] = True
             report.propagated += int(found.sum())
     return replace(data, ignore=ignore, has_ignore=has_ignore), report
+
+
+def _previous_passes(
+    previous: ArtefactDetector | None,
+    x: np.ndarray,
+    y: np.ndarray,
+    g: np.ndarray,
+    config: PropagationConfig,
+    quantile: float,
+) -> tuple[ArtefactDetector | None, str]:
+    """``previous`` when, on this model's features, it finds at least the gate's share of the masked images and
+    no more of the negative cells over its threshold than this run's threshold allows (1 - ``quantile``); else
+    None and why. The features move with each fine-tuning, so an earlier detector is tested, never trusted."""
+    if previous is None:
+        return None, ""
+    if previous.mean.shape[0] != x.shape[1]:
+        return None, "the previous detector was fitted on other features"
+    over = previous.probabilities(x) > previous.threshold
+    masked_groups = np.unique(g[y == 1])
+    found = len(np.unique(g[(y == 1) & over]))
+    false_share = float(over[y == 0].mean()) if (y == 0).any() else 0.0
+    if found < config.min_heldout_images_found * len(masked_groups):
+        return None, f"the previous detector finds {found} of {len(masked_groups)}"
+    if false_share > 1.0 - quantile:
+        return None, f"the previous detector marks {false_share:.1%} of the negative cells"
+    return previous, ""

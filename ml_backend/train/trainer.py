@@ -25,7 +25,12 @@ from ml_backend.train.losses import (
     prediction_loss,
     relative,
 )
-from ml_backend.train.mask_propagation import PropagationConfig, PropagationReport, propagate_ignore_masks
+from ml_backend.train.mask_propagation import (
+    ArtefactDetector,
+    PropagationConfig,
+    PropagationReport,
+    propagate_ignore_masks,
+)
 from ml_backend.train.reweighting import DecorrelatedPair, DecorrelationConfig, decorrelating_weights
 
 log = logging.getLogger(__name__)
@@ -139,9 +144,12 @@ def fine_tune(
     config: TrainConfig,
     progress: Progress | None = None,
     rejected: tuple[torch.Tensor, torch.Tensor] | None = None,
+    previous_detector: ArtefactDetector | None = None,
 ) -> TrainingRun:
     """Train ``model`` in place; returns the loss curve and what mask propagation found. ``rejected``: images and
-    masks of suggested ignore regions physicians deleted, negatives for the propagation detector."""
+    masks of suggested ignore regions physicians deleted, negatives for the propagation detector.
+    ``previous_detector``: an earlier run's accepted detector, used where this run's fit declines and it still
+    passes the gate on this model's features (mask_propagation.propagate_ignore_masks)."""
     if len(data) == 0:
         raise ValueError("empty training set")
     torch.manual_seed(config.seed)
@@ -165,7 +173,9 @@ def fine_tune(
     if config.propagation is not None and bool(data.has_ignore.any()):
         if progress:
             progress({"stage": "mask propagation"})
-        data, propagation = propagate_ignore_masks(model, data, config.propagation, seed=config.seed, rejected=rejected)
+        data, propagation = propagate_ignore_masks(
+            model, data, config.propagation, seed=config.seed, rejected=rejected, previous=previous_detector
+        )
     for epoch in range(config.epochs):
         _set_train_mode(model, config.freeze_batchnorm)
         started = time.perf_counter()
