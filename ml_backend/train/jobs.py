@@ -40,7 +40,13 @@ from ml_backend.train.examples import Example, ExampleTensors, holdout_split, sk
 from ml_backend.train.losses import LossConfig
 from ml_backend.train.mask_propagation import PropagationConfig
 from ml_backend.train.promotion import PromotionDecision, PromotionPolicy, decide
-from ml_backend.train.suggestions import DETECTOR_FILE, SuggestionStore, rejected_tensors, suggestion_outcomes
+from ml_backend.train.suggestions import (
+    DETECTOR_FILE,
+    SuggestionStore,
+    load_detector,
+    rejected_tensors,
+    suggestion_outcomes,
+)
 from ml_backend.train.trainer import TrainConfig, TrainingRun, fine_tune, heatmap_grid, predict_probabilities
 
 log = logging.getLogger(__name__)
@@ -352,7 +358,13 @@ def _fine_tune(
     outcomes = suggestion_outcomes(records, SuggestionStore(connect(settings), project))
     rejected = rejected_tensors(outcomes.deleted, train_keys, train_data.images)
     _progress(stage="training", epoch=0, epochs=config.epochs, train=len(train_idx), holdout=len(holdout_idx))
-    run = fine_tune(model, train_data, config, progress=lambda m: _progress(**m), rejected=rejected)
+    # The parent's accepted artefact detector stands in where this run's fit declines, if it still passes the
+    # gate on this model's features: a declined round that trains on the painted masks alone let the shortcut
+    # back (bench/results/rank_ablation_budgets10-20-30-60-120_diversity_off.md, attention_bald_keep_detector).
+    previous = load_detector(versions.read_file(parent, DETECTOR_FILE))
+    run = fine_tune(
+        model, train_data, config, progress=lambda m: _progress(**m), rejected=rejected, previous_detector=previous
+    )
     suggested = outcomes.summary({int(k) for k in train_keys if k.isdigit()})
     return _Trained(model, train_idx, held, train_data, holdout, parent_probs, config, run, suggested)
 
