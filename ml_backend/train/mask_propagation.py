@@ -344,6 +344,7 @@ def _propagate(
             return data, report
         threshold, score = kept.threshold, kept.probabilities
         report.threshold, report.detector, report.detector_from = threshold, kept, "previous"
+        # recall of the kept detector on all masked images (partly in sample for it: see _previous_passes)
         report.heldout_cell_recall = float((kept.probabilities(x[y == 1]) > threshold).mean())
         report.heldout_images_seen = len(np.unique(g[(y == 1) & (kept.probabilities(x) > threshold)]))
     else:
@@ -381,7 +382,9 @@ def _previous_passes(
 ) -> tuple[ArtefactDetector | None, str]:
     """``previous`` when, on this model's features, it finds at least the gate's share of the masked images and
     no more of the negative cells over its threshold than this run's threshold allows (1 - ``quantile``); else
-    None and why. The features move with each fine-tuning, so an earlier detector is tested, never trusted."""
+    None and why. The features move with each fine-tuning, so an earlier detector is tested, never trusted. The
+    test is only partly held out (the masks painted since it was fitted are new to it, the older ones are not),
+    and the negative cells it is held to include those under suggestions physicians deleted."""
     if previous is None:
         return None, ""
     if previous.mean.shape[0] != x.shape[1]:
