@@ -214,7 +214,7 @@ def write_outputs(result: dict, out: Path, suffix: str = "") -> None:
         f"between the processes that retrained it: {result['initial_delta_p_spread']:.4f}).",
         "",
         "Reading: a signal helps where switching it off needs more annotations than `full`, and hurts where "
-        "fewer. With a few folds and three budgets the per-fold spread is the honest error bar.",
+        f"fewer. With {result['folds']} folds and one run each, the per-fold spread is the honest error bar.",
     ]
     (out / f"rank_ablation{suffix}.md").write_text("\n".join(lines) + "\n")
 
