@@ -59,11 +59,9 @@ def ablation_arms(
     arm per signal, one arm per combination of weights and, with ``keep_detector``, the default ranking and BALD
     order with rounds that fall back to the last accepted artefact detector where a new fit declines."""
     weighted = [parse_combo(c) for c in combos]
-    kept = [
-        physician.Arm(f"{name}_keep_detector", "wbce", ATTENTION, order, keep_detector=True)
-        for name, order in (("full", "bias"), ("attention_bald", "bald"))
-        if keep_detector
-    ]
+    references = (("full", "bias"), ("attention_bald", "bald"))
+    kept = [physician.Arm(f"{n}_keep_detector", "wbce", ATTENTION, o, keep_detector=True) for n, o in references]
+    kept = kept if keep_detector else []
     random_arm = [physician.Arm("attention_random", "wbce", ATTENTION, "random")] if with_random else []
     return [
         *random_arm,

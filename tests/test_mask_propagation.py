@@ -173,19 +173,24 @@ def test_a_previous_detector_is_kept_only_where_it_still_passes_the_gate() -> No
     x, y = np.r_[positives, negatives], np.r_[np.ones(8), np.zeros(800)].astype(int)
     g = np.r_[np.arange(8), np.repeat(np.arange(8), 100)]
     config, quantile = PropagationConfig(), 1.0 - 0.5 / 256  # 0.5 false cells allowed per 16x16 image
-    kept, why = _previous_passes(_separating_detector(), x, y, g, config, quantile)
+    kept, over, why = _previous_passes(_separating_detector(), x, y, g, config, quantile)
     assert kept is not None and why == ""
-    assert _previous_passes(None, x, y, g, config, quantile) == (None, "")  # nothing kept: nothing to say
+    assert over is not None and over[:8].all() and not over[8:].any()  # its scores, for the report
+    assert _previous_passes(None, x, y, g, config, quantile) == (None, None, "")  # nothing kept: nothing to say
     # features that moved: it finds none of the masked images
-    kept, why = _previous_passes(_separating_detector(-1.0), x, y, g, config, quantile)
+    kept, _, why = _previous_passes(_separating_detector(-1.0), x, y, g, config, quantile)
     assert kept is None and "finds 0 of 8" in why
     # it marks too many negative cells: 10% of them now look like the artefact
     noisy = x.copy()
     noisy[8:88, 0] = 1.5
-    kept, why = _previous_passes(_separating_detector(), noisy, y, g, config, quantile)
+    kept, _, why = _previous_passes(_separating_detector(), noisy, y, g, config, quantile)
     assert kept is None and "negative cells" in why
     # a detector of another backbone (other channel count) is never applied
-    kept, why = _previous_passes(_separating_detector(channels=3), x, y, g, config, quantile)
+    kept, _, why = _previous_passes(_separating_detector(channels=3), x, y, g, config, quantile)
+    assert kept is None and "other features" in why
+    # a damaged file whose arrays disagree with each other is refused too, not multiplied into an error
+    broken = ArtefactDetector(np.zeros(2), np.ones(2), np.zeros((1, 3)), np.zeros(1), threshold=0.5)
+    kept, _, why = _previous_passes(broken, x, y, g, config, quantile)
     assert kept is None and "other features" in why
 
 

@@ -328,25 +328,23 @@ def _propagate(
     # cell) to cover a small tag, while a long tube's cell recall can be low on an image it does find. With the
     # pooled cell-recall gate, mixed artefacts at 10% masks declined in two of four seeds
     # (bench/results/mechanism_mixed.md: found 0.38 +/- 0.45).
-    masked_groups = np.unique(g[y == 1])
-    seen = np.unique(g[(y == 1) & (heldout > threshold)])
-    report.heldout_images = len(masked_groups)
-    report.heldout_images_seen = len(seen)
+    seen, total, passes = _image_gate(heldout > threshold, y, g, config)
+    report.heldout_images, report.heldout_images_seen = total, seen
     score: Callable[[np.ndarray], np.ndarray]
-    if len(seen) < config.min_heldout_images_found * len(masked_groups):  # e.g. a barely trained model: noise
+    if not passes:  # e.g. a barely trained model: noise
         declined = (
-            f"the detector finds {len(seen)} of {len(masked_groups)} held-out masked images "
+            f"the detector finds {seen} of {total} held-out masked images "
             f"({report.heldout_cell_recall:.0%} of their artefact cells)"
         )
-        kept, why_not = _previous_passes(previous, x, y, g, config, quantile)
-        if kept is None:
+        kept, over, why_not = _previous_passes(previous, x, y, g, config, quantile)
+        if kept is None or over is None:
             report.skipped = declined + (f"; {why_not}" if why_not else "")
             return data, report
         threshold, score = kept.threshold, kept.probabilities
         report.threshold, report.detector, report.detector_from = threshold, kept, "previous"
-        # recall of the kept detector on all masked images (partly in sample for it: see _previous_passes)
-        report.heldout_cell_recall = float((kept.probabilities(x[y == 1]) > threshold).mean())
-        report.heldout_images_seen = len(np.unique(g[(y == 1) & (kept.probabilities(x) > threshold)]))
+        # the kept detector's recall on all masked images (partly in sample for it: see _previous_passes)
+        report.heldout_cell_recall = float(over[y == 1].mean())
+        report.heldout_images_seen = _image_gate(over, y, g, config)[0]
     else:
         fitted = _fit(x, y, config, seed)
         score, report.detector, report.detector_from = (
@@ -372,6 +370,14 @@ def _propagate(
     return replace(data, ignore=ignore, has_ignore=has_ignore), report
 
 
+def _image_gate(over: np.ndarray, y: np.ndarray, g: np.ndarray, config: PropagationConfig) -> tuple[int, int, bool]:
+    """(masked images with an artefact cell over the threshold, masked images, whether that share passes the
+    gate). ``over``: per feature row, whether it is over the threshold; ``g``: the image of each row."""
+    seen = len(np.unique(g[(y == 1) & over]))
+    total = len(np.unique(g[y == 1]))
+    return seen, total, seen >= config.min_heldout_images_found * total
+
+
 def _previous_passes(
     previous: ArtefactDetector | None,
     x: np.ndarray,
@@ -379,22 +385,23 @@ def _previous_passes(
     g: np.ndarray,
     config: PropagationConfig,
     quantile: float,
-) -> tuple[ArtefactDetector | None, str]:
-    """``previous`` when, on this model's features, it finds at least the gate's share of the masked images and
-    no more of the negative cells over its threshold than this run's threshold allows (1 - ``quantile``); else
-    None and why. The features move with each fine-tuning, so an earlier detector is tested, never trusted. The
-    test is only partly held out (the masks painted since it was fitted are new to it, the older ones are not),
-    and the negative cells it is held to include those under suggestions physicians deleted."""
+) -> tuple[ArtefactDetector | None, np.ndarray | None, str]:
+    """(``previous``, which rows it puts over its threshold, "") when, on this model's features, it finds at least
+    the gate's share of the masked images and no more of the negative cells over its threshold than this run's
+    threshold allows (1 - ``quantile``); else (None, None, why). The features move with each fine-tuning, so an
+    earlier detector is tested, never trusted. The test is only partly held out (the masks painted since it was
+    fitted are new to it, the older ones are not), and the negative cells it is held to include those under
+    suggestions physicians deleted."""
     if previous is None:
-        return None, ""
-    if previous.mean.shape[0] != x.shape[1]:
-        return None, "the previous detector was fitted on other features"
+        return None, None, ""
+    channels = x.shape[1]
+    if not (previous.mean.shape == previous.scale.shape == (channels,) and previous.coef.shape[1] == channels):
+        return None, None, "the previous detector was fitted on other features"
     over = previous.probabilities(x) > previous.threshold
-    masked_groups = np.unique(g[y == 1])
-    found = len(np.unique(g[(y == 1) & over]))
+    seen, total, passes = _image_gate(over, y, g, config)
+    if not passes:
+        return None, None, f"the previous detector finds {seen} of {total}"
     false_share = float(over[y == 0].mean()) if (y == 0).any() else 0.0
-    if found < config.min_heldout_images_found * len(masked_groups):
-        return None, f"the previous detector finds {found} of {len(masked_groups)}"
     if false_share > 1.0 - quantile:
-        return None, f"the previous detector marks {false_share:.1%} of the negative cells"
-    return previous, ""
+        return None, None, f"the previous detector marks {false_share:.1%} of the negative cells"
+    return previous, over, ""
