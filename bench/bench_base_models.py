@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -147,10 +148,17 @@ def tta_probabilities(model: torch.nn.Module, size: int, images: np.ndarray) -> 
 
 
 def train_fold(
-    data: dict, train_idx: np.ndarray, args: argparse.Namespace, seed: int, device: str = "cpu"
+    data: dict,
+    train_idx: np.ndarray,
+    args: argparse.Namespace,
+    seed: int,
+    device: str = "cpu",
+    after_epoch: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> torch.nn.Module:
     """The recipe's model trained on ``data["images"][train_idx]`` (its EMA when ``args.ema``), on ``device``;
-    the random draws (initialisation, order, augmentation) are the same on every device."""
+    the random draws (initialisation, order, augmentation) are the same on every device. ``after_epoch(epoch,
+    model)`` sees the model that would be returned (the EMA when on) after each epoch, in eval mode; it must not
+    draw from torch's global generator."""
     torch.manual_seed(seed)
     # bench_cooccurrence.py trains through here with its own arguments, which predate these knobs
     kwargs = {"output_stride": getattr(args, "output_stride", 16), "drop_rate": getattr(args, "drop_rate", 0.0)}
@@ -170,7 +178,7 @@ def train_fold(
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.15)
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(args.epochs):
+    for epoch in range(args.epochs):
         perm = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), args.batch_size):
             index = perm[start : start + args.batch_size].to(device)
@@ -185,6 +193,9 @@ def train_fold(
             schedule.step()
             if ema is not None:
                 ema.update(model)
+        if after_epoch is not None:
+            after_epoch(epoch, (ema.module if ema is not None else model).eval())
+            model.train()
     return (ema.module if ema is not None else model).eval()
 
 
@@ -247,6 +258,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--tta", action="store_true", help="report the test-time-augmented predictions (TTA_VIEWS averaged)"
     )
+    parser.add_argument(
+        "--curve-every", type=int, default=0, help="record held-out AUROC every N epochs (0: off; not in the recipe)"
+    )
     parser.add_argument("--members", type=int, default=1, help="models per fold (seeds), probabilities averaged")
     parser.add_argument(
         "--run-members", type=int, nargs="*", help="only train these members and write no results (default: all)"
@@ -273,10 +287,24 @@ def cache_dir(args: argparse.Namespace) -> Path:
     return cache
 
 
+def curve_recorder(
+    images: np.ndarray, size: int, every: int, curve: list[np.ndarray]
+) -> Callable[[int, torch.nn.Module], None]:
+    """An ``after_epoch`` for train_fold that appends, every ``every`` epochs, the model's probabilities on the
+    held-out ``images`` to ``curve``: whether the recipe's epochs stop short of, or run past, its best."""
+
+    def record(epoch: int, model: torch.nn.Module) -> None:
+        if (epoch + 1) % every == 0:
+            curve.append(sim.probabilities(model, sim.ModelSpec(input_size=size), images))
+
+    return record
+
+
 def held_out_predictions(
     args: argparse.Namespace, data: dict, folds: list[np.ndarray]
-) -> tuple[np.ndarray, dict[int, float]]:
-    """(members, images, findings) held-out probabilities (NaN where not computed) and seconds per fold.
+) -> tuple[np.ndarray, dict[int, float], np.ndarray | None]:
+    """(members, images, findings) held-out probabilities (NaN where not computed), seconds per fold, and the
+    learning curve's (members, points, images, findings) held-out probabilities where --curve-every recorded one.
 
     Member m of fold f trains with seed f + 1000 m and caches to fold{f}.npz (m = 0, the single-model layout)
     or fold{f}_m{m}.npz, so members can be trained by separate processes (one per core) and a run with fewer
@@ -286,6 +314,15 @@ def held_out_predictions(
     run_members, tta = args.run_members, getattr(args, "tta", False)
     per_member = np.full((args.members, *data["labels"].shape), np.nan, np.float32)
     fold_seconds: dict[int, float] = {}
+    curves: np.ndarray | None = None
+
+    def keep_curve(member: int, idx: np.ndarray, curve: np.ndarray) -> None:
+        nonlocal curves
+        if curves is None:
+            curves = np.full((args.members, len(curve), *data["labels"].shape), np.nan, np.float32)
+        if curve.shape[0] == curves.shape[1]:  # a fold run with another --curve-every is left out
+            curves[member][:, idx] = curve
+
     for fold in args.run_folds if args.run_folds is not None else range(args.folds):
         for member in range(args.members):
             path = cache / (f"fold{fold}.npz" if member == 0 else f"fold{fold}_m{member}.npz")
@@ -297,27 +334,56 @@ def held_out_predictions(
                         f"{path} predates --tta (no test-time-augmented predictions): rerun it without --resume"
                     )
                 per_member[member][saved["idx"]] = saved["p_tta" if tta else "p"]
+                if "curve" in saved:
+                    keep_curve(member, saved["idx"], saved["curve"])
                 fold_seconds[fold] = fold_seconds.get(fold, 0.0) + float(saved["seconds"])
                 continue
             if skipped:
                 continue
             t0 = time.time()
             test_idx = folds[fold]
-            model = train_fold(data, np.setdiff1d(np.arange(len(data["labels"])), test_idx), args, fold + 1000 * member)
+            train_idx = np.setdiff1d(np.arange(len(data["labels"])), test_idx)
+            curve: list[np.ndarray] = []
+            every = getattr(args, "curve_every", 0)
+            record = curve_recorder(data["images"][test_idx], args.size, every, curve) if every else None
+            model = train_fold(data, train_idx, args, fold + 1000 * member, after_epoch=record)
             p = sim.probabilities(model, sim.ModelSpec(input_size=args.size), data["images"][test_idx])
             # both kinds of prediction are cached, so one training run reports with and without --tta
             p_tta = tta_probabilities(model, args.size, data["images"][test_idx])
             per_member[member][test_idx] = p_tta if tta else p
             seconds = time.time() - t0
             fold_seconds[fold] = fold_seconds.get(fold, 0.0) + seconds
-            np.savez(path, idx=test_idx, p=p, p_tta=p_tta, seconds=seconds)
+            if curve:
+                keep_curve(member, test_idx, np.stack(curve))
+                np.savez(path, idx=test_idx, p=p, p_tta=p_tta, seconds=seconds, curve=np.stack(curve))
+            else:
+                np.savez(path, idx=test_idx, p=p, p_tta=p_tta, seconds=seconds)
             partial = report(data, per_member[member], ~np.isnan(per_member[member][:, 0]))
             print(
                 f"{cache.name} fold {fold} member {member}: {seconds:.0f}s; member so far macro {partial['macro']}, "
                 f"Cardiomegaly {partial['per_finding']['Cardiomegaly']}, Effusion {partial['per_finding']['Effusion']}",
                 flush=True,
             )
-    return per_member, fold_seconds
+    return per_member, fold_seconds, curves
+
+
+def learning_curve(data: dict, curves: np.ndarray | None, every: int) -> list[dict]:
+    """Pooled held-out AUROC (Cardiomegaly, Effusion, macro) of the ensemble at each recorded epoch, once every
+    fold and member has its curve."""
+    if curves is None or np.isnan(curves[:, :, :, 0]).any():
+        return []
+    points = []
+    for point in range(curves.shape[1]):
+        result = report(data, curves[:, point].mean(0), np.ones(len(data["labels"]), bool))
+        points.append(
+            {
+                "epoch": (point + 1) * every,
+                "Cardiomegaly": result["per_finding"]["Cardiomegaly"],
+                "Effusion": result["per_finding"]["Effusion"],
+                "macro": result["macro"],
+            }
+        )
+    return points
 
 
 def main() -> int:
@@ -331,7 +397,8 @@ def main() -> int:
     data = load(args.size, args.sets, args.norm)
     print(f"loaded {len(data['labels'])} images of {len(np.unique(data['patients']))} patients", flush=True)
     folds = sim.patient_folds(data["patients"], args.folds, seed=0)
-    per_member, fold_seconds = held_out_predictions(args, data, folds)
+    per_member, fold_seconds, curves = held_out_predictions(args, data, folds)
+    curve = learning_curve(data, curves, args.curve_every)
     members = list(range(args.members))
     member_done = ~np.isnan(per_member[:, :, 0])
     member_macro = [
@@ -364,7 +431,12 @@ def main() -> int:
         "training_seconds_total": round(sum(fold_seconds.values()), 1),  # duration_s excludes folds resumed from cache
         "n_images": int(have.sum()),
         "member_macro_auroc": member_macro,
-        "recipe": {k: v for k, v in vars(args).items() if k not in ("resume", "run_folds", "run_members", "summary")},
+        "learning_curve": curve,
+        "recipe": {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("resume", "run_folds", "run_members", "summary", "curve_every")
+        },
         **{k: v for k, v in result.items() if k != "per_finding"},
         "command": common.command_line(),
         "duration_s": round(time.time() - started, 1),
@@ -390,6 +462,16 @@ def main() -> int:
         + ("met" if data_out["meets_targets"] else f"NOT met: {shortfalls or 'incomplete'}"),
         "Per source (AUROC of findings with >= 10 positives in that source):",
         common.md_table(["source", "images", "AUROC"], by_source),
+        (
+            "Learning curve (pooled held-out AUROC of the model after each recorded epoch; the reported model is "
+            "the last one, chosen before the curve was seen):\n\n"
+            + common.md_table(
+                ["epoch", "Cardiomegaly", "Effusion", "macro"],
+                [[c["epoch"], *(round(c[k], 3) for k in ("Cardiomegaly", "Effusion", "macro"))] for c in curve],
+            )
+            if curve
+            else "Learning curve: not recorded (--curve-every)."
+        ),
         f"Members per fold: {args.members} (probabilities averaged); each member's own macro AUROC: {member_macro}.",
         f"Seconds per fold (training + prediction of all members, 2 shared CPU cores): {fold_seconds}; "
         f"total {sum(fold_seconds.values()):.0f} s.",

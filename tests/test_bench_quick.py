@@ -145,11 +145,33 @@ def test_physician_setup_from_a_base_recipe() -> None:
     assert np.allclose(setup.data.images.mean(axis=(1, 2)), 0.485, atol=1e-3)
 
     pixels = {"images": setup.data.images[:64], "labels": setup.data.labels[:64]}
-    model = base.train_fold(pixels, np.arange(64), setup.recipe, seed=0, device="cpu")
+    curve: list[np.ndarray] = []
+    record = base.curve_recorder(setup.data.images[64:80], setup.spec.input_size, 1, curve)
+    model = base.train_fold(pixels, np.arange(64), setup.recipe, seed=0, device="cpu", after_epoch=record)
     assert not model.training
     with torch.no_grad():
         probs = physician.sim.probabilities(model, setup.spec, setup.data.images[64:80])
     assert probs.shape == (16, len(base.FINDINGS)) and np.isfinite(probs).all()
+    # the learning curve's last point is the model the recipe returns (its EMA), not the raw weights
+    assert len(curve) == 1 and np.allclose(curve[0], probs, atol=1e-6)
+
+
+def test_learning_curve_pools_folds_per_recorded_epoch() -> None:
+    """``learning_curve``: one pooled AUROC per recorded epoch, and nothing until every image has its curve."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_base_models as base
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random((200, len(base.FINDINGS))) < 0.3).astype(np.float32)
+    noise, perfect = rng.random(labels.shape), labels * 0.8 + 0.1
+    curves = np.stack([noise, perfect])[None].astype(np.float32)  # 1 member, 2 points
+    points = base.learning_curve({"labels": labels, "source": np.array(["a"] * 200)}, curves, every=3)
+    assert [p["epoch"] for p in points] == [3, 6]
+    assert abs(points[0]["Cardiomegaly"] - 0.5) < 0.15 and points[1]["Cardiomegaly"] == 1.0
+    assert points[1]["macro"] == 1.0
+    curves[0, :, 5, 0] = np.nan  # one image's curve missing (a fold run without --curve-every)
+    assert base.learning_curve({"labels": labels, "source": np.array(["a"] * 200)}, curves, every=3) == []
 
 
 def test_physician_fold_resumes_from_its_checkpoint(tmp_path: Path) -> None:
