@@ -4,8 +4,8 @@ Data: ../shared/data/nih1000 (64 px) and ../shared/data/nih_hires (128 px, resiz
 place, 14 NIH findings, k-fold cross-validation split by patient across both sets (17 patients are in both).
 Recipe: a small CNN from scratch (timm backbone via the product's classifier), BCE, AdamW with a one-cycle
 cosine schedule, light augmentation (random shift/scale crop, small brightness/contrast jitter; no horizontal
-flip: the heart is on the left). Every image gets one held-out prediction; AUROC is computed on the pooled
-held-out predictions, per finding, and per source where it matters.
+flip unless --hflip: the heart is on the left). Every image gets one held-out prediction; AUROC is computed on
+the pooled held-out predictions, per finding, and per source where it matters.
 
 Targets (issue 16): Cardiomegaly AUROC >= 0.78, Effusion >= 0.75, macro AUROC >= 0.72 over the findings with
 >= 50 positives. The script exits non-zero with a clear message when the recipe falls short.
@@ -180,6 +180,7 @@ def train_fold(
     # mixup (Zhang et al. 2018): convex pairs of images and their label vectors, one Beta(a, a) weight per batch;
     # the learning curves show these small models overfitting 2,000 images after ~16 epochs
     mixup, mix_rng = getattr(args, "mixup", 0.0), np.random.default_rng(seed)
+    hflip = getattr(args, "hflip", False)
     model.train()
     for epoch in range(args.epochs):
         perm = torch.randperm(len(x), generator=generator)
@@ -188,6 +189,9 @@ def train_fold(
             if len(index) < 2:
                 continue
             xb = augment(x[index], generator) if args.augment else x[index]
+            if hflip:  # half the images mirrored: effusions are bilateral; the heart's side is not a finding here
+                mirrored = (torch.rand(len(index), generator=generator) < 0.5).to(device)
+                xb = torch.where(mirrored[:, None, None, None], xb.flip(-1), xb)
             target = y[index] * (1 - smoothing) + 0.5 * smoothing
             if mixup > 0:
                 lam, partner = float(mix_rng.beta(mixup, mixup)), torch.randperm(len(index), generator=generator)
@@ -260,6 +264,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--output-stride", type=int, default=16, choices=[8, 16, 32])
     parser.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the classifier head")
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="BCE targets y*(1-s) + s/2")
+    parser.add_argument("--hflip", action="store_true", help="mirror half the training images left-right")
     parser.add_argument("--mixup", type=float, default=0.0, help="mixup's Beta(a, a) parameter a (0: off)")
     parser.add_argument("--loss", default="bce", choices=["bce", "wbce", "asl"], help="prediction loss")
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off)")
@@ -287,7 +292,7 @@ def cache_dir(args: argparse.Namespace) -> Path:
     key = f"{args.name}-{args.size}-{args.backbone}-{args.epochs}-{args.lr}-{args.augment}-{'+'.join(args.sets)}"
     # knobs added later join the cache key only when they differ from the original recipe, so old caches resume
     original = {"batch_size": 64, "weight_decay": 1e-4, "norm": "none", "output_stride": 16, "drop_rate": 0.0}
-    original.update(label_smoothing=0.0, ema=0.0, loss="bce", mixup=0.0)
+    original.update(label_smoothing=0.0, ema=0.0, loss="bce", mixup=0.0, hflip=False)
     key += "".join(f"-{k}={getattr(args, k)}" for k, v in original.items() if getattr(args, k) != v)
     cache = (Path("/tmp") if args.quick else common.RESULTS) / ".base_models_cache" / key
     cache.mkdir(parents=True, exist_ok=True)

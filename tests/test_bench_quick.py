@@ -230,3 +230,26 @@ def test_physician_fold_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     assert merged["arms"]["imbalance"] is reused["arms"]["imbalance"]
     assert merged["arms"]["baseline"] is straight["arms"]["baseline"]
     assert merged["rerun_seconds"] == reused["seconds"] and "rerun_seconds" not in straight
+
+
+def test_recipe_regularisers_are_deterministic_per_seed() -> None:
+    """``--mixup`` and ``--hflip`` draw only from the fold's seed: the same seed trains the same model, and each
+    knob changes the training (it is not silently ignored)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import argparse
+
+    import bench_base_models as base
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random((24, 14)) < 0.3).astype(np.float32)
+    pixels = {"images": rng.random((24, 32, 32), dtype=np.float32), "labels": labels}
+    recipe = dict(size=32, backbone="resnet10t", epochs=1, batch_size=8, lr=2e-3, weight_decay=0.05, augment=True)
+
+    def probabilities(**knobs: object) -> np.ndarray:
+        model = base.train_fold(pixels, np.arange(24), argparse.Namespace(**recipe, **knobs), seed=3)
+        return base.sim.probabilities(model, base.sim.ModelSpec(input_size=32), pixels["images"][:4])
+
+    plain, mixed, mirrored = probabilities(), probabilities(mixup=0.3), probabilities(hflip=True)
+    assert np.array_equal(mixed, probabilities(mixup=0.3)) and np.array_equal(mirrored, probabilities(hflip=True))
+    assert not np.allclose(plain, mixed) and not np.allclose(plain, mirrored)
