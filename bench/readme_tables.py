@@ -44,6 +44,13 @@ BASE_RUNS = (
     "base_models_x3",
     "base_models_96",
     "base_models_96_tta",
+    "base_models_64_mixup",
+    "base_models_64_mixup_tta",
+    "base_models_80_mixup",
+    "base_models_80_mixup_tta",
+    "base_models_80_mixup_x2",
+    "base_models_80_mixup_hflip",
+    "base_models_96_mixup",
 )
 
 
@@ -87,7 +94,7 @@ def base_models_table() -> list[str]:
         auroc, recipe = run["clean_model_auroc"], run["recipe"]
         shown = ("size", "backbone", "epochs", "batch_size", "weight_decay", "norm", "output_stride", "loss", "ema")
         knobs = ", ".join(
-            f"{k} {recipe[k]}"
+            k if recipe[k] is True else f"{k} {recipe[k]}"
             for k in (*shown, "mixup", "hflip")
             # knobs left off (or, for weight decay, at the first recipe's 1e-4) are not part of the recipe
             if k in recipe and recipe[k] not in (0.0, "none") and not (k == "weight_decay" and recipe[k] == 1e-4)
