@@ -99,7 +99,7 @@ def main() -> int:
     for loss in args.losses:
         arm_args = copy.copy(args)
         arm_args.loss = loss
-        per_member, fold_seconds = base.held_out_predictions(arm_args, data, folds)
+        per_member, fold_seconds, _ = base.held_out_predictions(arm_args, data, folds)
         if np.isnan(per_member).any():
             print(f"incomplete: loss {loss} lacks held-out predictions (run every fold and member)", file=sys.stderr)
             return 2
