@@ -334,8 +334,7 @@ def held_out_predictions(
         nonlocal curves
         if curves is None:
             curves = np.full((args.members, len(curve), *data["labels"].shape), np.nan, np.float32)
-        if curve.shape[0] == curves.shape[1]:  # a fold run for another number of epochs is left out
-            curves[member][:, idx] = curve
+        curves[member][:, idx] = curve  # same cache, same epochs; the interval is checked where it is read
 
     for fold in args.run_folds if args.run_folds is not None else range(args.folds):
         for member in range(args.members):

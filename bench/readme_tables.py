@@ -92,10 +92,22 @@ def base_models_table() -> list[str]:
         if run is None:
             continue
         auroc, recipe = run["clean_model_auroc"], run["recipe"]
-        shown = ("size", "backbone", "epochs", "batch_size", "weight_decay", "norm", "output_stride", "loss", "ema")
+        shown = (
+            "size",
+            "backbone",
+            "epochs",
+            "batch_size",
+            "weight_decay",
+            "norm",
+            "output_stride",
+            "loss",
+            "ema",
+            "mixup",
+            "hflip",
+        )
         knobs = ", ".join(
             k if recipe[k] is True else f"{k} {recipe[k]}"
-            for k in (*shown, "mixup", "hflip")
+            for k in shown
             # knobs left off (or, for weight decay, at the first recipe's 1e-4) are not part of the recipe
             if k in recipe and recipe[k] not in (0.0, "none") and not (k == "weight_decay" and recipe[k] == 1e-4)
         ) + (", test-time augmentation" if recipe.get("tta") else "")
