@@ -253,6 +253,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     """The recipe's options, shared with the scenarios that train on the same folds (bench_imbalance.py)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument(
+        "--split-seed", type=int, default=0, help="patient split (0: the one every bench shares; another = a replicate)"
+    )
     parser.add_argument("--run-folds", type=int, nargs="*", help="only these folds (default: all)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--backbone", default="resnet10t")
@@ -293,7 +296,7 @@ def cache_dir(args: argparse.Namespace) -> Path:
     key = f"{args.name}-{args.size}-{args.backbone}-{args.epochs}-{args.lr}-{args.augment}-{'+'.join(args.sets)}"
     # knobs added later join the cache key only when they differ from the original recipe, so old caches resume
     original = {"batch_size": 64, "weight_decay": 1e-4, "norm": "none", "output_stride": 16, "drop_rate": 0.0}
-    original.update(label_smoothing=0.0, ema=0.0, loss="bce", mixup=0.0, hflip=False)
+    original.update(label_smoothing=0.0, ema=0.0, loss="bce", mixup=0.0, hflip=False, split_seed=0)
     key += "".join(f"-{k}={getattr(args, k)}" for k, v in original.items() if getattr(args, k) != v)
     cache = (Path("/tmp") if args.quick else common.RESULTS) / ".base_models_cache" / key
     cache.mkdir(parents=True, exist_ok=True)
@@ -411,7 +414,7 @@ def main() -> int:
     started = time.time()
     data = load(args.size, args.sets, args.norm)
     print(f"loaded {len(data['labels'])} images of {len(np.unique(data['patients']))} patients", flush=True)
-    folds = sim.patient_folds(data["patients"], args.folds, seed=0)
+    folds = sim.patient_folds(data["patients"], args.folds, seed=args.split_seed)
     per_member, fold_seconds, curves = held_out_predictions(args, data, folds)
     curve = learning_curve(data, curves, args.curve_every)
     members = list(range(args.members))

@@ -87,7 +87,7 @@ def main() -> int:
     common.apply_threads(args.threads)
     started = time.time()
     data = base.load(args.size, args.sets, args.norm)
-    folds = sim.patient_folds(data["patients"], args.folds, seed=0)
+    folds = sim.patient_folds(data["patients"], args.folds, seed=args.split_seed)
     labels, patients = data["labels"].astype(bool), data["patients"]
     findings = list(base.FINDINGS)
     prevalence = labels.mean(0)

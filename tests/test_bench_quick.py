@@ -253,3 +253,19 @@ def test_recipe_regularisers_are_deterministic_per_seed() -> None:
     plain, mixed, mirrored = probabilities(), probabilities(mixup=0.3), probabilities(hflip=True)
     assert np.array_equal(mixed, probabilities(mixup=0.3)) and np.array_equal(mirrored, probabilities(hflip=True))
     assert not np.allclose(plain, mixed) and not np.allclose(plain, mirrored)
+
+
+def test_split_seed_names_its_own_cache_and_folds() -> None:
+    """``--split-seed``: a replicate on another patient split caches apart from the shared split, whose cache key
+    (and so every run resumed from it) is unchanged."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_base_models as base
+    import numpy as np
+
+    parser = base.build_parser("test")
+    shared, replicate = (parser.parse_args(["--quick", *extra]) for extra in ([], ["--split-seed", "1"]))
+    assert "split_seed" not in base.cache_dir(shared).name
+    assert base.cache_dir(replicate).name == base.cache_dir(shared).name + "-split_seed=1"
+    patients = np.repeat(np.arange(100), 2)
+    first, second = (base.sim.patient_folds(patients, 5, seed) for seed in (0, 1))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
