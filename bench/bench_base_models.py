@@ -161,9 +161,10 @@ def train_fold(
     draw from torch's global generator."""
     torch.manual_seed(seed)
     # bench_cooccurrence.py trains through here with its own arguments, which predate these knobs
-    kwargs = {"output_stride": getattr(args, "output_stride", 16), "drop_rate": getattr(args, "drop_rate", 0.0)}
+    output_stride: int = getattr(args, "output_stride", 16)
+    drop_rate: float = getattr(args, "drop_rate", 0.0)
     smoothing, ema_decay = getattr(args, "label_smoothing", 0.0), getattr(args, "ema", 0.0)
-    model = build_classifier(args.backbone, len(FINDINGS), **kwargs).to(device)
+    model = build_classifier(args.backbone, len(FINDINGS), output_stride=output_stride, drop_rate=drop_rate).to(device)
     # an exponential moving average of the weights (timm's, with warm-up) evaluates like a cheap ensemble of the
     # last few epochs' models: the held-out AUROC of a small model trained from scratch moves a lot between epochs
     ema = ModelEmaV3(model, decay=ema_decay, use_warmup=True) if ema_decay > 0 else None

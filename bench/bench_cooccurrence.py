@@ -29,6 +29,7 @@ import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -253,7 +254,7 @@ def main() -> int:
         t1 = time.time()
         p, thr, pairs = fine_tuned(True)
         partner_of_a = [q.partner for q in pairs if q.finding == a]
-        more = {
+        more: dict[str, Any] = {
             "decorrelated_p": p,
             "decorrelated_thr": thr,
             "decorrelated_partner_of_finding": partner_of_a[0] if partner_of_a else -1,

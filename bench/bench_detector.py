@@ -19,6 +19,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +42,7 @@ def run_seed(seed: int, data: sim.LabelledImages, args: argparse.Namespace) -> d
     ignore = [markers[i] if i in chosen else None for i in range(len(images))]
     tensors = sim.make_tensors(model, sim.ModelSpec(), images, train.labels, ignore=ignore)
     masks_by_kind = {k: sum(kinds[i] == k for i in chosen) for k in args.kinds}
-    out = {"seed": seed, "masks": len(chosen), "masks_by_kind": masks_by_kind, "detectors": {}}
+    out: dict[str, Any] = {"seed": seed, "masks": len(chosen), "masks_by_kind": masks_by_kind, "detectors": {}}
     for experts in args.experts:
         t0 = time.time()
         config = PropagationConfig(experts=experts)

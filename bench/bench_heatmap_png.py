@@ -79,7 +79,7 @@ def upscaled_xrays(n: int) -> list[Path]:
         dst = WORK / f"{src.stem}_{W}x{H}.png"
         if not dst.exists():
             with Image.open(src) as im:
-                im.convert("L").resize((W, H), Image.BICUBIC).save(dst, compress_level=1)
+                im.convert("L").resize((W, H), Image.Resampling.BICUBIC).save(dst, compress_level=1)
         out.append(dst)
     return out
 
@@ -398,7 +398,7 @@ def part_editor(rounds: int) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "tests"))
     from e2e.label_studio import LabelStudioServer, label_studio_bin
     from e2e.screenshot import CHROMIUM_ARGS, find_chromium, login
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import ViewportSize, sync_playwright
 
     from ml_backend.demo.setup import LabelStudioAPI
 
@@ -423,7 +423,7 @@ def part_editor(rounds: int) -> dict[str, Any]:
     shutil.rmtree(data_dir, ignore_errors=True)
     out: dict[str, Any] = {"image": f"{W}x{H}", "heatmaps_per_task": 4, "rounds": rounds}
     times: dict[str, list[float | None]] = {"bitmask": [], "brush": []}
-    viewport = {"width": 1600, "height": 1300}
+    viewport: ViewportSize = {"width": 1600, "height": 1300}
     with LabelStudioServer(data_dir, local_files_root=WORK) as ls, LabelStudioAPI(ls.url, ls.token, 600.0) as api:
         out["label_studio_startup_s"] = round(ls.startup_seconds or 0.0, 1)
         tasks: dict[str, list[tuple[int, int]]] = {}

@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,7 +127,7 @@ def run_seed(seed: int, data: sim.LabelledImages, args: argparse.Namespace) -> d
 
     biased = scratch_model(seed, train, images, args.device)
     clean = scratch_model(seed, train, train.images, args.device)
-    out = {"seed": seed, "biased": measure(biased), "clean": measure(clean), "arms": {}}
+    out: dict[str, Any] = {"seed": seed, "biased": measure(biased), "clean": measure(clean), "arms": {}}
     for share in args.shares:
         chosen = physician_masked(markers, share, seed)
         ignore = [markers[i] if i in chosen else None for i in range(len(images))]

@@ -35,6 +35,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -62,6 +63,7 @@ from ml_backend.models.classifier import normalisation, to_input_tensor  # noqa:
 from ml_backend.models.store import write_atomic  # noqa: E402
 from ml_backend.rank.strategy import RankConfig, RankInputs, mc_dropout_probabilities, rank_candidates  # noqa: E402
 from ml_backend.train.losses import LossConfig  # noqa: E402
+from ml_backend.train.mask_propagation import ArtefactDetector  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DATA = ROOT.parent / "shared" / "data" / "nih1000"
@@ -82,7 +84,15 @@ class Arm:
     keep_detector: bool = False
 
 
-NO_ATTENTION = dict(ignore_weight=0.0, evidence_weight=0.0, counterfactuals=False)
+class AttentionTerms(TypedDict):
+    """LossConfig's attention terms, to pass as keyword arguments."""
+
+    ignore_weight: float
+    evidence_weight: float
+    counterfactuals: bool
+
+
+NO_ATTENTION: AttentionTerms = dict(ignore_weight=0.0, evidence_weight=0.0, counterfactuals=False)
 ARMS = [
     Arm("baseline", "bce", LossConfig(prediction="bce", **NO_ATTENTION), "random"),
     Arm("imbalance", "wbce", LossConfig(prediction="wbce", **NO_ATTENTION), "random"),
@@ -321,7 +331,7 @@ def run_fold(
         evidence: dict[int, dict[int, np.ndarray]] = {}
         seconds = 0.0
         rounds = []
-        last_detector = None  # the last round's accepted artefact detector (Arm.keep_detector)
+        last_detector: ArtefactDetector | None = None  # the last round's accepted artefact detector (Arm.keep_detector)
         for budget in args.budgets:
             candidates = np.array([i for i in range(len(train)) if i not in set(annotated)])
             probs, cams, feats, x = cams_and_probs(model, spec, train_images[candidates])
@@ -349,8 +359,9 @@ def run_fold(
             for slot, i in enumerate(chosen):
                 seconds += COST_REVIEW_S
                 local = ranked[slot].index
-                if marker_masks[i] is not None and physician_sees_marker(cams[local], probs[local], marker_masks[i]):
-                    ignore[i] = marker_masks[i]
+                marker = marker_masks[i]
+                if marker is not None and physician_sees_marker(cams[local], probs[local], marker):
+                    ignore[i] = marker
                     seconds += COST_IGNORE_S
                 regions = {k: m for k, m in train.regions[i].items() if train.labels[i, k] > 0}
                 if regions:
@@ -530,7 +541,7 @@ def summarise(folds: list[dict], setup: Setup, args: argparse.Namespace, command
     rng = np.random.default_rng(0)
     unique = np.unique(patients)
     members = {p: np.flatnonzero(patients == p) for p in unique}
-    samples = {key: [] for key in point}
+    samples: dict[str, list[float]] = {key: [] for key in point}
     for _ in range(args.n_boot):
         pick = rng.choice(unique, size=len(unique), replace=True)
         idx = np.concatenate([members[p] for p in pick])
@@ -591,7 +602,8 @@ def summarise(folds: list[dict], setup: Setup, args: argparse.Namespace, command
         out = {"delta_p": round(level, 4), "annotations": own["budget"], "full_annotations": full["budget"]}
         out["seconds"], out["full_seconds"] = own["seconds"], full["seconds"]
         for key, name in (("budget", "annotation_reduction_pct"), ("seconds", "time_reduction_pct")):
-            out[name] = round(100 * (1 - full[key] / own[key]), 1) if full[key] and own[key] else None
+            full_effort, own_effort = full[key], own[key]
+            out[name] = round(100 * (1 - full_effort / own_effort), 1) if full_effort and own_effort else None
         return out
 
     match = {arm: matched(arm) for arm in ("attention_random", "attention_entropy", "attention_bald")}

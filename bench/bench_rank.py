@@ -20,11 +20,15 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
+from typing import TypeVar, cast
 
 import numpy as np
 import torch
+from common import loaded_images
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -45,6 +49,7 @@ from ml_backend.rank.strategy import (  # noqa: E402
 NIH = ROOT.parent / "shared" / "data" / "nih1000"
 RESULTS = ROOT / "bench" / "results"
 CONFIG = (ROOT / "label_config" / "chest_xray.xml").read_text()
+T = TypeVar("T")
 
 
 def load_avg() -> float | None:
@@ -54,13 +59,13 @@ def load_avg() -> float | None:
         return None
 
 
-def timed(fn, reps: int = 3) -> tuple[float, object]:
+def timed(fn: Callable[[], T], reps: int = 3) -> tuple[float, T]:
     times, out = [], None
     for _ in range(reps):
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+    return statistics.median(times), cast(T, out)  # reps >= 1: with no runs median() raises first
 
 
 def predict_and_rank(n_images: int, settings: Settings) -> dict:
@@ -73,7 +78,7 @@ def predict_and_rank(n_images: int, settings: Settings) -> dict:
     tasks = [{"id": i, "data": {"image": str(NIH / r["image"])}} for i, r in enumerate(manifest)]
     run_model(loaded, [np.zeros((64, 64), np.float32)] * 2, 2)  # warm-up
     t0 = time.perf_counter()
-    images = loader.load_all(tasks, schema)
+    images = loaded_images(loader.load_all(tasks, schema))
     t1 = time.perf_counter()
     out = run_model(loaded, [img.pixels for img in images], settings.predict_batch_size)
     t2 = time.perf_counter()
@@ -211,7 +216,7 @@ def main() -> None:
         n_shortcuts, planted_set = len(shortcuts), set(shortcuts.tolist())
         inputs = RankInputs(probs, labels, planted, feats, mc, label_counts=counts, n_annotated=500, ignore_prior=prior)
         for strategy, config in STRATEGIES.items():
-            seconds, items = timed(lambda config=config, inputs=inputs: rank_candidates(inputs, config), reps=3)
+            seconds, items = timed(partial(rank_candidates, inputs, config), reps=3)
             top = [item.index for item in items]
             recall = {str(k): round(len(set(top[:k]) & planted_set) / n_shortcuts, 3) for k in (100, 200, 500)}
             said = sum("ignore region" in item.reason for item in items[:200] if item.index in planted_set)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import TypedDict, TypeVar, cast
 
 import numpy as np
 import torch
@@ -37,7 +38,15 @@ GRIDS = [7, 14]  # CAM resolution of a 224 / 448 px input with a stride-32 backb
 LEVELS = [256, 64, 32, 16, 8]
 FLOOR = 0.2
 MAPS_PER_IMAGE = 14
-SDK_FORMAT = {"rle_sizes": (3, 4, 8, 16), "wordsize": 8}
+
+
+class RLEFormat(TypedDict):
+    rle_sizes: tuple[int, int, int, int]
+    wordsize: int
+
+
+SDK_FORMAT: RLEFormat = {"rle_sizes": (3, 4, 8, 16), "wordsize": 8}
+T = TypeVar("T")
 
 
 def cam_heatmap(grid: int, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
@@ -47,7 +56,7 @@ def cam_heatmap(grid: int, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
     return up / up.max()
 
 
-def timed(fn: Callable[[], object], reps: int) -> tuple[float, object]:
+def timed(fn: Callable[[], T], reps: int) -> tuple[float, T]:
     """Median wall time in ms over ``reps`` runs, and the last result."""
     times = []
     out = None
@@ -55,7 +64,7 @@ def timed(fn: Callable[[], object], reps: int) -> tuple[float, object]:
         t0 = time.perf_counter()
         out = fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), out
+    return statistics.median(times), cast(T, out)  # reps >= 1: with no runs median() raises first
 
 
 def sdk_format_len(alpha: np.ndarray) -> tuple[int, int]:

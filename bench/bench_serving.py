@@ -53,6 +53,7 @@ from common import (
     exit_on_sigterm,
     interleaved,
     label_studio_files,
+    loaded_images,
     ls_body,
     md_table,
     median,
@@ -124,13 +125,13 @@ def part_cost(batches: list[int], reps: int, budget_s: float) -> dict[str, Any]:
             {
                 "plain_s32": plain,
                 "cams_s32": cams,
-                "plain_s16": lambda x=x: plain(s16, x),
-                "cams_s16": lambda x=x: cams(e16, x),
+                "plain_s16": partial(plain, s16, x),
+                "cams_s16": partial(cams, e16, x),
             },
             reps,
             budget_s=budget_s * batch / 32,
         )
-        row = {
+        row: dict[str, Any] = {
             "batch": batch,
             "grid_s32": grid32,
             "grid_s16": grid16,
@@ -192,7 +193,7 @@ def part_gradcam(batches: list[int], reps: int, budget_s: float) -> dict[str, An
         diff = np.abs(a - b)
         flat_a, flat_b = a.reshape(-1, INPUT * INPUT), b.reshape(-1, INPUT * INPUT)
         corr = [float(np.corrcoef(u, v)[0, 1]) for u, v in zip(flat_a, flat_b, strict=True) if u.std() and v.std()]
-        row = {
+        row: dict[str, Any] = {
             "batch": batch,
             "maps": list(a.shape),
             "max_abs_diff": round(float(diff.max()), 4),
@@ -476,7 +477,7 @@ def part_breakdown(n: int, reps: int, work: Path) -> dict[str, Any]:
 
             for rep in range(reps + 1):
                 t0 = time.perf_counter()
-                images = predictor.images.load_all(tasks, schema)  # 8 threads, as in the server
+                images = loaded_images(predictor.images.load_all(tasks, schema))  # 8 threads, as in the server
                 t1 = time.perf_counter()
                 for ref in w["refs"][:8]:
                     load_image(ref, settings, http)

@@ -136,7 +136,7 @@ def run_size(size: int, reps: int, budget_s: float) -> dict[str, Any]:
 
     times = interleaved({name: partial(step, name) for name in variants_spec}, reps, warmup=1, budget_s=budget_s)
     base = times["plain"]
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {}
     for name, values in times.items():
         batch, config = variants_spec[name]
         rows[name] = {

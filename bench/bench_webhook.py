@@ -271,6 +271,9 @@ def round_events(project_id: int, n: int) -> list[dict[str, Any]]:
     from ml_backend.io.label_config import parse_label_config
 
     schema = parse_label_config(CHEST_CONFIG)
+    ignore_label = schema.ignore_label
+    if ignore_label is None:
+        raise RuntimeError("the chest X-ray config names no ignore label to paint the markers over with")
     template = ls_body("webhook_ANNOTATION_CREATED")
     events = []
     for i, record in enumerate(nih_manifest()[:n]):
@@ -288,7 +291,7 @@ def round_events(project_id: int, n: int) -> list[dict[str, Any]]:
         if i % 3 == 0:  # a marker painted over in a third of the images
             ignore = np.zeros((64, 64), np.uint8)
             ignore[:9, :12] = 255
-            masks[schema.ignore_label] = ignore
+            masks[ignore_label] = ignore
         if i % 4 == 0 and findings:  # evidence for the first finding in a quarter
             evidence = np.zeros((64, 64), np.uint8)
             evidence[18:52, 12:54] = 255
@@ -442,9 +445,9 @@ def part_round(app: AppServer, conn: Any, env: dict[str, str], n: int, epochs: i
         job_ids: list[str] = []
         first_sent = time.time()
         for body in events:
-            started = time.perf_counter()
+            posted = time.perf_counter()
             answer = client.post(app.url + "/webhook", json=body).json()
-            acks.append((time.perf_counter() - started) * 1000)
+            acks.append((time.perf_counter() - posted) * 1000)
             if answer.get("job_id"):
                 job_ids.append(answer["job_id"])
         last_ack = time.time()
@@ -564,7 +567,7 @@ def part_round(app: AppServer, conn: Any, env: dict[str, str], n: int, epochs: i
             "first_sent": first_sent,
         },
         "watcher_events": watcher.events,
-        "metrics": {k: (meta.get("metrics") or {}).get(k) for k in ("macro_f1", "macro_auroc")},
+        "metrics": {k: meta.metrics.get(k) if meta.metrics else None for k in ("macro_f1", "macro_auroc")},
         "queue_count_after": training_queue(conn).count,
     }
     print(f"[round] {json.dumps({k: v for k, v in result.items() if k != 'watcher_events'})}", flush=True)

@@ -107,6 +107,8 @@ def main() -> None:
                 t = time.perf_counter()
                 record = parse_annotation("1", annotation, task, schema, settings=settings)
                 parse_t.append(time.perf_counter() - t)
+                if record is None:
+                    raise RuntimeError(f"{name}: parse_annotation read the annotation as cancelled")
                 skipped = len(record.skipped)
                 body = {"action": "ANNOTATION_CREATED", "project": {"id": 1, "label_config": CONFIG},
                         "annotation": annotation, "task": task}  # fmt: skip

@@ -18,12 +18,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlparse
+
+if TYPE_CHECKING:
+    from ml_backend.inference.task_images import TaskImage
+    from ml_backend.io.images import LoadedImage
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -287,6 +291,16 @@ def reset_peak_rss(pid: int) -> bool:
         return False
 
 
+def loaded_images(images: Sequence[TaskImage]) -> list[LoadedImage]:
+    """``TaskImageLoader.load_all``'s images, where every one loaded; a benchmark cannot go on without one."""
+    out = []
+    for i, image in enumerate(images):
+        if isinstance(image, Exception):  # an ImageError
+            raise RuntimeError(f"task image {i} did not load: {image}") from image
+        out.append(image)
+    return out
+
+
 class AppServer:
     """The real backend (``ml_backend.serve.app:create_app``) under uvicorn in a subprocess on a free port."""
 
@@ -296,7 +310,7 @@ class AppServer:
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
-        self._log = None
+        self._log: IO[bytes] | int | None = None  # a log file, subprocess.DEVNULL or nothing yet
 
     def start(self, timeout_s: float = 120.0) -> AppServer:
         import httpx
@@ -342,7 +356,7 @@ class AppServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self._log not in (None, subprocess.DEVNULL):
+        if self._log is not None and not isinstance(self._log, int):  # an open log file, not DEVNULL
             self._log.close()
 
     def __enter__(self) -> AppServer:

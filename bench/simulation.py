@@ -237,13 +237,13 @@ def evaluate(
             n_boot=50,
             seed=seed,
         )
+        sex_fairness = metrics["fairness"].get("sex")
+        sex_shortcut = sex_fairness.get("per_finding", {}).get(shortcut.finding) if sex_fairness else None
         result.update(
             macro_f1=metrics["macro_f1"],
             macro_auroc=metrics["macro_auroc"],
-            eod_sex_worst=(metrics["fairness"].get("sex") or {}).get("worst"),
-            eod_sex_shortcut=(
-                (metrics["fairness"].get("sex") or {}).get("per_finding", {}).get(shortcut.finding) or {}
-            ).get("eod"),
+            eod_sex_worst=sex_fairness.get("worst") if sex_fairness else None,
+            eod_sex_shortcut=sex_shortcut.get("eod") if sex_shortcut else None,
         )
     return result
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import pytest
@@ -92,7 +92,7 @@ class LabelStudioServer:
         self.log_path = self.data_dir / "label-studio.log"
         self.startup_seconds: float | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file = None
+        self._log_file: IO[bytes] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def env(self) -> dict[str, str]:
