@@ -87,6 +87,9 @@ def main() -> int:
     common.apply_threads(args.threads)
     started = time.time()
     data = base.load(args.size, args.sets, args.norm)
+    if len(args.split_seeds) > 1:
+        parser.error("one patient split at a time: --split-seeds S")
+    args.split_seed = args.split_seeds[0]  # the per-split cache held_out_predictions reads
     folds = sim.patient_folds(data["patients"], args.folds, seed=args.split_seed)
     labels, patients = data["labels"].astype(bool), data["patients"]
     findings = list(base.FINDINGS)

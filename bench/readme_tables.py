@@ -104,6 +104,7 @@ def base_models_table() -> list[str]:
             "ema",
             "mixup",
             "hflip",
+            "split_seed",
         )
         knobs = ", ".join(
             k if recipe[k] is True else f"{k} {recipe[k]}"

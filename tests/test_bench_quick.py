@@ -256,16 +256,30 @@ def test_recipe_regularisers_are_deterministic_per_seed() -> None:
 
 
 def test_split_seed_names_its_own_cache_and_folds() -> None:
-    """``--split-seed``: a replicate on another patient split caches apart from the shared split, whose cache key
-    (and so every run resumed from it) is unchanged."""
+    """Each of ``--split-seeds`` (repeated cross-validation) caches apart from the shared split, whose cache key
+    (and so every run resumed from it) is unchanged; the report is the mean over the splits."""
     sys.path.insert(0, str(ROOT / "bench"))
+    import argparse
+
     import bench_base_models as base
     import numpy as np
 
-    parser = base.build_parser("test")
-    shared, replicate = (parser.parse_args(["--quick", *extra]) for extra in ([], ["--split-seed", "1"]))
+    shared = base.build_parser("test").parse_args(["--quick", "--split-seeds", "0", "1"])
+    replicate = argparse.Namespace(**{**vars(shared), "split_seed": 1})
     assert "split_seed" not in base.cache_dir(shared).name
     assert base.cache_dir(replicate).name == base.cache_dir(shared).name + "-split_seed=1"
     patients = np.repeat(np.arange(100), 2)
     first, second = (base.sim.patient_folds(patients, 5, seed) for seed in (0, 1))
     assert not all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+
+    def split(seed: int, auroc: float, sources: dict) -> base.SplitRun:
+        per = dict.fromkeys(base.FINDINGS, auroc)
+        result = {"per_finding": per, "positives": dict.fromkeys(base.FINDINGS, 60), "macro": auroc}
+        result.update(macro_over=list(base.FINDINGS), macro_excluding_pneumonia=auroc, by_source=sources)
+        curve = [{"epoch": 2, "Cardiomegaly": auroc, "Effusion": auroc, "macro": auroc}]
+        return base.SplitRun(seed, result, True, 200, {0: 1.0}, [auroc], curve, np.full((200, 14), auroc))
+
+    sources = {"nih1000": {"n": 200, "auroc": {"Effusion": 0.7}}}
+    mean, curve = base.mean_over_splits([split(0, 0.8, sources), split(1, 0.7, sources)])
+    assert mean["per_finding"]["Cardiomegaly"] == mean["macro"] == curve[0]["macro"] == 0.75
+    assert mean["by_source"]["nih1000"]["auroc"]["Effusion"] == 0.7
