@@ -474,7 +474,11 @@ def mean_over_splits(runs: list[SplitRun]) -> tuple[dict[str, Any], list[dict[st
         "by_source": {
             source: {
                 "n": info["n"],
-                "auroc": {f: _mean([r.result["by_source"][source]["auroc"][f] for r in runs]) for f in info["auroc"]},
+                # a split summarised before all its folds ran may lack a source or finding: None, not a crash
+                "auroc": {
+                    f: _mean([r.result["by_source"].get(source, {}).get("auroc", {}).get(f) for r in runs])
+                    for f in info["auroc"]
+                },
             }
             for source, info in first["by_source"].items()
         },

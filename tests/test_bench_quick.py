@@ -283,3 +283,5 @@ def test_split_seed_names_its_own_cache_and_folds() -> None:
     mean, curve = base.mean_over_splits([split(0, 0.8, sources), split(1, 0.7, sources)])
     assert mean["per_finding"]["Cardiomegaly"] == mean["macro"] == curve[0]["macro"] == 0.75
     assert mean["by_source"]["nih1000"]["auroc"]["Effusion"] == 0.7
+    partial, _ = base.mean_over_splits([split(0, 0.8, sources), split(1, 0.7, {})])  # split 1 not run yet
+    assert partial["by_source"]["nih1000"]["auroc"]["Effusion"] is None
