@@ -268,6 +268,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         default=[0],
         help="patient splits (0: the one every bench shares); several = repeated cross-validation, AUROC averaged",
     )
+    parser.add_argument(
+        "--stratify",
+        action="store_true",
+        help="patient folds that spread each finding's positives evenly (simulation.stratified_patient_folds)",
+    )
     parser.add_argument("--run-folds", type=int, nargs="*", help="only these folds (default: all)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--backbone", default="resnet10t")
@@ -308,7 +313,7 @@ def cache_dir(args: argparse.Namespace) -> Path:
     key = f"{args.name}-{args.size}-{args.backbone}-{args.epochs}-{args.lr}-{args.augment}-{'+'.join(args.sets)}"
     # knobs added later join the cache key only when they differ from the original recipe, so old caches resume
     original = {"batch_size": 64, "weight_decay": 1e-4, "norm": "none", "output_stride": 16, "drop_rate": 0.0}
-    original.update(label_smoothing=0.0, ema=0.0, loss="bce", mixup=0.0, hflip=False, split_seed=0)
+    original.update(label_smoothing=0.0, ema=0.0, loss="bce", mixup=0.0, hflip=False, split_seed=0, stratify=False)
     # one split's cache: main() runs each of --split-seeds with its own split_seed
     key += "".join(f"-{k}={getattr(args, k, v)}" for k, v in original.items() if getattr(args, k, v) != v)
     cache = (Path("/tmp") if args.quick else common.RESULTS) / ".base_models_cache" / key
@@ -431,10 +436,17 @@ class SplitRun:
     pooled: np.ndarray  # (images, findings) held-out probabilities, NaN where a fold or member has not run
 
 
+def split_folds(args: argparse.Namespace, data: dict, split_seed: int) -> list[np.ndarray]:
+    """The test folds of one patient split: plain (every bench's) or, with --stratify, stratified by finding."""
+    if getattr(args, "stratify", False):
+        return sim.stratified_patient_folds(data["patients"], data["labels"], args.folds, seed=split_seed)
+    return sim.patient_folds(data["patients"], args.folds, seed=split_seed)
+
+
 def run_split(args: argparse.Namespace, data: dict, split_seed: int) -> SplitRun:
     """Every fold of one patient split (cached per split), pooled over its folds (and members)."""
     replicate = argparse.Namespace(**{**vars(args), "split_seed": split_seed})
-    folds = sim.patient_folds(data["patients"], args.folds, seed=split_seed)
+    folds = split_folds(args, data, split_seed)
     per_member, fold_seconds, curves = held_out_predictions(replicate, data, folds)
     member_done = ~np.isnan(per_member[:, :, 0])
     member_macro = [

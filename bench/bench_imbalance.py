@@ -31,7 +31,6 @@ sys.path.insert(0, str(ROOT))
 
 import bench_base_models as base  # noqa: E402
 import common  # noqa: E402
-import simulation as sim  # noqa: E402
 
 from ml_backend.measure.metrics import bootstrap_ci_vector, choose_thresholds  # noqa: E402
 
@@ -90,7 +89,7 @@ def main() -> int:
     if len(args.split_seeds) > 1:
         parser.error("one patient split at a time: --split-seeds S")
     args.split_seed = args.split_seeds[0]  # the per-split cache held_out_predictions reads
-    folds = sim.patient_folds(data["patients"], args.folds, seed=args.split_seed)
+    folds = base.split_folds(args, data, args.split_seed)
     labels, patients = data["labels"].astype(bool), data["patients"]
     findings = list(base.FINDINGS)
     prevalence = labels.mean(0)

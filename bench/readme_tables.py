@@ -55,6 +55,7 @@ BASE_RUNS = (
     "base_models_64_mixup_2splits",
     "base_models_64_mixup_resnet18d_2splits",
     "base_models_80_mixup_2splits",
+    "base_models_64_mixup_resnet18d_strat",
 )
 
 
@@ -93,7 +94,8 @@ def _auroc_cell(run: dict[str, Any], name: str) -> str:
 
 def base_models_table() -> list[str]:
     rows = [
-        "| recipe (5 patient folds, 2,337 NIH images; split_seeds: repeated on those patient splits, mean shown) | "
+        "| recipe (5 patient folds, 2,337 NIH images; split_seeds: repeated on those patient splits, mean shown; "
+        "stratify: folds spreading each finding's positives) | "
         "models per fold | Cardiomegaly [95% patient bootstrap] | Effusion | macro (≥ 50 positives) | "
         "macro without Pneumonia | targets 0.78 / 0.75 / 0.72 | training s | file |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -116,6 +118,7 @@ def base_models_table() -> list[str]:
             "mixup",
             "hflip",
             "split_seeds",
+            "stratify",
         )
         knobs = ", ".join(
             k if recipe[k] is True else f"{k} {recipe[k]}"

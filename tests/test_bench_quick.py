@@ -285,3 +285,29 @@ def test_split_seed_names_its_own_cache_and_folds() -> None:
     assert mean["by_source"]["nih1000"]["auroc"]["Effusion"] == 0.7
     partial, _ = base.mean_over_splits([split(0, 0.8, sources), split(1, 0.7, {})])  # split 1 not run yet
     assert partial["by_source"]["nih1000"]["auroc"]["Effusion"] is None
+
+
+def test_stratified_folds_spread_a_rare_findings_positives_and_keep_patients_whole() -> None:
+    """--stratify: every image in exactly one fold, a patient's images together, and a finding whose positives
+    plain folds can pile into one fold (few patients, many images each) spread over all of them; its own cache."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_base_models as base
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    patients = np.repeat(np.arange(300), 3)
+    labels = np.zeros((len(patients), 3), np.float32)
+    labels[:, 0] = rng.random(len(patients)) < 0.3  # common finding
+    rare_patients = rng.choice(300, 20, replace=False)
+    labels[np.isin(patients, rare_patients), 1] = 1  # rare finding: 20 patients, 60 images
+    for seed in (0, 1):
+        folds = base.sim.stratified_patient_folds(patients, labels, 5, seed)
+        assert sorted(np.concatenate(folds).tolist()) == list(range(len(patients)))
+        fold_of = {p: {i for i, f in enumerate(folds) if p in set(patients[f])} for p in np.unique(patients)}
+        assert all(len(f) == 1 for f in fold_of.values())
+        rare_per_fold = [int(labels[f, 1].sum()) for f in folds]
+        assert rare_per_fold == [12] * 5, rare_per_fold  # 4 patients of 3 images each per fold
+        assert max(len(f) for f in folds) - min(len(f) for f in folds) <= 0.06 * len(patients) / 5
+    shared = base.build_parser("test").parse_args(["--quick"])
+    stratified = base.build_parser("test").parse_args(["--quick", "--stratify"])
+    assert base.cache_dir(stratified).name == base.cache_dir(shared).name + "-stratify=True"
