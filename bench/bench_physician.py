@@ -188,12 +188,25 @@ def physician_sees_marker(cam: np.ndarray, probs: np.ndarray, marker: np.ndarray
 
 def cache_dir(args: argparse.Namespace, setup: Setup) -> Path:
     """Where this setup's folds, checkpoints and initial models are cached (gitignored)."""
-    return args.out / ".cache" / ("" if setup.recipe is None else f"{setup.name}-split{args.folds}")
+    name = "" if setup.recipe is None else f"{setup.name}-split{args.folds}"
+    if getattr(args, "stratify", False):  # only then: the plain folds' caches keep their names
+        name = f"{name}-stratified" if name else "stratified"
+    return args.out / ".cache" / name
+
+
+def held_out_folds(args: argparse.Namespace, data: sim.LabelledImages) -> list[np.ndarray]:
+    """The patient folds every arm is measured on; --stratify spreads each finding's positives across them."""
+    seed = getattr(args, "split_seed", 0)  # another split seed: an independent replicate
+    if getattr(args, "stratify", False):
+        return sim.stratified_patient_folds(data.patients, data.labels, args.folds, seed=seed)
+    return sim.patient_folds(data.patients, args.folds, seed=seed)
 
 
 def initial_settings(args: argparse.Namespace, setup: Setup) -> dict:
     """What a fold's initial models depend on: a checkpoint or kept file made otherwise is not reused."""
     settings = {"setup": setup.describe(), "folds": args.folds, "split_seed": getattr(args, "split_seed", 0)}
+    if getattr(args, "stratify", False):  # only when set: files made before the option keep their digest
+        settings["stratify"] = True
     if setup.recipe is None:
         settings["scratch_epochs"] = args.scratch_epochs
     return settings
@@ -235,9 +248,7 @@ def run_fold(
     started = time.time()
     saved = torch.load(checkpoint, weights_only=False) if checkpoint is not None and checkpoint.exists() else None
     data, spec = setup.data, setup.spec
-    # another split seed gives an independent replicate (other test folds, training sets and marker draws)
-    folds = sim.patient_folds(data.patients, args.folds, seed=getattr(args, "split_seed", 0))
-    test_idx = folds[fold]
+    test_idx = held_out_folds(args, data)[fold]
     rest = np.setdiff1d(np.arange(len(data)), test_idx)
     # a validation slice of the training patients (biased like training) chooses decision thresholds
     val_patients = set(np.random.default_rng(100 + fold).permutation(np.unique(data.patients[rest]))[: len(rest) // 40])
@@ -817,6 +828,11 @@ def main() -> None:
         "--base-recipe",
         help="initial and clean models from this bench_base_models results file's recipe and data (e.g. "
         "base_models_ema); default: the product's trainer for --scratch-epochs on nih1000",
+    )
+    parser.add_argument(
+        "--stratify",
+        action="store_true",
+        help="patient folds that spread each finding's positives (bench_base_models --stratify); caches apart",
     )
     parser.add_argument("--device", default=common.default_device(), help="where models train (cuda when there is one)")
     parser.add_argument("--n-boot", type=int, default=200)

@@ -311,3 +311,31 @@ def test_stratified_folds_spread_a_rare_findings_positives_and_keep_patients_who
     shared = base.build_parser("test").parse_args(["--quick"])
     stratified = base.build_parser("test").parse_args(["--quick", "--stratify"])
     assert base.cache_dir(stratified).name == base.cache_dir(shared).name + "-stratify=True"
+
+
+def test_physician_stratified_folds_cache_apart(tmp_path: Path) -> None:
+    """bench_physician --stratify measures on stratified patient folds, and its folds, checkpoints and kept
+    initial models never mix with the plain folds' (whose names are unchanged)."""
+    import argparse
+
+    import bench_physician as physician
+    import numpy as np
+
+    shared_or_skip(NIH)
+    plain = argparse.Namespace(folds=5, scratch_epochs=1, out=tmp_path)
+    stratified = argparse.Namespace(**{**vars(plain), "stratify": True})
+    setup = physician.Setup(physician.sim.load_manifest_folder(NIH), physician.sim.ModelSpec())
+    assert physician.cache_dir(plain, setup) == tmp_path / ".cache"
+    assert physician.cache_dir(stratified, setup) == tmp_path / ".cache" / "stratified"
+    assert "stratify" not in physician.initial_settings(plain, setup)
+    assert (
+        physician.initial_models_file(stratified, setup, 0).name != physician.initial_models_file(plain, setup, 0).name
+    )
+    folds = physician.held_out_folds(stratified, setup.data)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(len(setup.data)))
+    np.testing.assert_array_equal(
+        folds[0], physician.sim.stratified_patient_folds(setup.data.patients, setup.data.labels, 5, 0)[0]
+    )
+    spread = [setup.data.labels[f].sum(0) for f in folds]
+    plain_spread = [setup.data.labels[f].sum(0) for f in physician.held_out_folds(plain, setup.data)]
+    assert np.ptp(spread, axis=0).sum() < np.ptp(plain_spread, axis=0).sum()
