@@ -56,6 +56,7 @@ BASE_RUNS = (
     "base_models_64_mixup_resnet18d_2splits",
     "base_models_80_mixup_2splits",
     "base_models_64_mixup_resnet18d_strat",
+    "base_models_80_mixup_strat",
 )
 
 
