@@ -438,9 +438,8 @@ class SplitRun:
 
 def split_folds(args: argparse.Namespace, data: dict, split_seed: int) -> list[np.ndarray]:
     """The test folds of one patient split: plain (every bench's) or, with --stratify, stratified by finding."""
-    if getattr(args, "stratify", False):
-        return sim.stratified_patient_folds(data["patients"], data["labels"], args.folds, seed=split_seed)
-    return sim.patient_folds(data["patients"], args.folds, seed=split_seed)
+    labels = data["labels"] if getattr(args, "stratify", False) else None
+    return sim.patient_folds(data["patients"], args.folds, seed=split_seed, stratify_by=labels)
 
 
 def run_split(args: argparse.Namespace, data: dict, split_seed: int) -> SplitRun:

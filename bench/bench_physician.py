@@ -197,9 +197,8 @@ def cache_dir(args: argparse.Namespace, setup: Setup) -> Path:
 def held_out_folds(args: argparse.Namespace, data: sim.LabelledImages) -> list[np.ndarray]:
     """The patient folds every arm is measured on; --stratify spreads each finding's positives across them."""
     seed = getattr(args, "split_seed", 0)  # another split seed: an independent replicate
-    if getattr(args, "stratify", False):
-        return sim.stratified_patient_folds(data.patients, data.labels, args.folds, seed=seed)
-    return sim.patient_folds(data.patients, args.folds, seed=seed)
+    labels = data.labels if getattr(args, "stratify", False) else None
+    return sim.patient_folds(data.patients, args.folds, seed=seed, stratify_by=labels)
 
 
 def initial_settings(args: argparse.Namespace, setup: Setup) -> dict:

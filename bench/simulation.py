@@ -85,8 +85,11 @@ def load_manifest_folder(folder: Path, findings: Sequence[str] = DEFAULT_FINDING
     )
 
 
-def patient_folds(patients: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
-    """k disjoint test-index arrays; a patient's images are always in the same fold."""
+def patient_folds(patients: np.ndarray, k: int, seed: int, stratify_by: np.ndarray | None = None) -> list[np.ndarray]:
+    """k disjoint test-index arrays; a patient's images are always in the same fold. With ``stratify_by`` (the
+    images' labels), each finding's positives are spread across the folds (:func:`stratified_patient_folds`)."""
+    if stratify_by is not None:
+        return stratified_patient_folds(patients, stratify_by, k, seed)
     unique = np.unique(patients)
     order = np.random.default_rng(seed).permutation(len(unique))
     fold_of = {p: i % k for i, p in zip(range(len(unique)), unique[order], strict=True)}
