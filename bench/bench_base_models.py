@@ -467,6 +467,18 @@ def run_split(args: argparse.Namespace, data: dict, split_seed: int) -> SplitRun
     )
 
 
+def progress_fields(runs: list[SplitRun]) -> dict[str, Any]:
+    """The results file's run-level progress. With several splits the per-fold figures (seconds, member AUROCs) live
+    under "splits" alone: split 0's at top level read as the whole run's."""
+    fields: dict[str, Any] = {
+        "folds_done": sorted(set.intersection(*(set(r.fold_seconds) for r in runs))),  # done in every split
+        "n_images": min(r.n_images for r in runs),
+    }
+    if len(runs) == 1:
+        fields |= {"fold_seconds": runs[0].fold_seconds, "member_macro_auroc": runs[0].member_macro}
+    return fields
+
+
 def _mean(values: list[float | None]) -> float | None:
     return None if any(v is None for v in values) else float(np.mean([v for v in values if v is not None]))
 
@@ -567,11 +579,8 @@ def main() -> int:
         "shortfalls": shortfalls,
         "intervals_95": intervals,
         "complete": complete,
-        "folds_done": sorted(runs[0].fold_seconds),
-        "fold_seconds": runs[0].fold_seconds,
+        **progress_fields(runs),
         "training_seconds_total": round(seconds_total, 1),  # duration_s excludes folds resumed from cache
-        "n_images": runs[0].n_images,
-        "member_macro_auroc": runs[0].member_macro,
         "learning_curve": curve,
         "splits": [
             {
@@ -579,6 +588,8 @@ def main() -> int:
                 "clean_model_auroc": {**r.result["per_finding"], "macro": r.result["macro"]},
                 "macro_excluding_pneumonia": r.result["macro_excluding_pneumonia"],
                 "complete": r.complete,
+                "folds_done": sorted(r.fold_seconds),
+                "n_images": r.n_images,
                 "fold_seconds": r.fold_seconds,
                 "member_macro_auroc": r.member_macro,
             }
@@ -589,6 +600,7 @@ def main() -> int:
             for k, v in vars(args).items()
             if k not in ("resume", "run_folds", "run_members", "summary", "curve_every", "n_boot")
             and not (k == "split_seeds" and v == [0])  # the shared split: recipes recorded before repeats existed
+            and not (k == "stratify" and not v)  # plain folds: likewise
         },
         **{k: v for k, v in result.items() if k != "per_finding"},
         "command": common.command_line(),
@@ -632,9 +644,9 @@ def main() -> int:
     ]
     pooled_head = "clean-model AUROC (pooled held-out)"
     sections = [
-        f"Folds done: {sorted(runs[0].fold_seconds)} of {args.folds} (patient-level)"
+        f"Folds done: {data_out['folds_done']} of {args.folds} (patient-level)"
         + (f", in each of {len(runs)} patient splits (seeds {args.split_seeds})" if several else "")
-        + f"; images with a held-out prediction: {runs[0].n_images}; recipe: `{json.dumps(data_out['recipe'])}`.",
+        + f"; images with a held-out prediction: {data_out['n_images']}; recipe: `{json.dumps(data_out['recipe'])}`.",
         common.md_table(
             ["finding", "positives", *split_heads, f"mean over the {len(runs)} splits" if several else pooled_head],
             rows,

@@ -286,6 +286,19 @@ def test_split_seed_names_its_own_cache_and_folds() -> None:
     partial, _ = base.mean_over_splits([split(0, 0.8, sources), split(1, 0.7, {})])  # split 1 not run yet
     assert partial["by_source"]["nih1000"]["auroc"]["Effusion"] is None
 
+    # the results file's progress: per-fold figures per split only; a fold counts as done once every split has it
+    first, second = split(0, 0.8, sources), split(1, 0.7, sources)
+    second.fold_seconds, second.n_images = {0: 2.0, 1: 3.0}, 150
+    first.fold_seconds = {0: 1.0, 1: 4.0, 2: 5.0}
+    progress = base.progress_fields([first, second])
+    assert progress == {"folds_done": [0, 1], "n_images": 150}
+    assert base.progress_fields([first]) == {
+        "folds_done": [0, 1, 2],
+        "n_images": 200,
+        "fold_seconds": {0: 1.0, 1: 4.0, 2: 5.0},
+        "member_macro_auroc": [0.8],
+    }
+
 
 def test_stratified_folds_spread_a_rare_findings_positives_and_keep_patients_whole() -> None:
     """--stratify: every image in exactly one fold, a patient's images together, and a finding whose positives
