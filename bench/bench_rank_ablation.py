@@ -169,7 +169,8 @@ def write_outputs(result: dict, out: Path, suffix: str = "") -> None:
         *[f"- `{c}`" for c in result["commands"]],
         "",
         f"Machine: {result['machine']}; {result['seconds']:.0f} s of compute over all processes. Folds: "
-        f"{result['folds']} of 5 patient folds (split seed {result['split_seed']}; 0 = bench_physician's); "
+        f"{result['folds']} of 5 {'stratified ' if result.get('stratify') else ''}patient folds "
+        f"(split seed {result['split_seed']}; 0 = bench_physician's); "
         f"budgets {result['budgets']}; same shortcut, "
         "simulated physician and cost model.",
         "",
@@ -217,7 +218,19 @@ def write_outputs(result: dict, out: Path, suffix: str = "") -> None:
     (out / f"rank_ablation{suffix}.md").write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
+def study_suffix(args: argparse.Namespace, setup: physician.Setup) -> str:
+    """The name this study's cache and results files carry: each setting that changes what is measured adds to
+    it, and a study with none of them keeps the name the first one had."""
+    suffix = f"_split{args.split_seed}" if args.split_seed else ""
+    suffix += f"_{setup.name}" if setup.recipe is not None else ""
+    suffix += "_stratified" if args.stratify else ""  # bench_physician's stratified folds and kept initial models
+    # budgets other than the default grid are another experiment: their own cache and results files
+    if not args.quick and args.budgets != DEFAULT_BUDGETS:
+        suffix += "_budgets" + "-".join(map(str, args.budgets))
+    return suffix + (f"_{args.tag}" if args.tag else "")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     parser.add_argument("--folds", type=int, default=5, help="patient folds the data is split into")
     parser.add_argument("--run-folds", type=int, default=3, help="how many of them to run")
@@ -230,6 +243,11 @@ def main() -> None:
     parser.add_argument("--only-folds", type=int, nargs="+", help="compute only these folds (parallel runs)")
     parser.add_argument("--only-arms", nargs="+", help="compute only these arms (parallel runs)")
     parser.add_argument("--split-seed", type=int, default=0, help="patient split; another seed = a replicate")
+    parser.add_argument(
+        "--stratify",
+        action="store_true",
+        help="bench_physician's stratified patient folds (each finding's positives spread across them)",
+    )
     parser.add_argument("--no-compute", action="store_true", help="summarise the cached folds, compute nothing")
     parser.add_argument("--signals", nargs="*", choices=SIGNALS, default=list(SIGNALS), help="drop-one arms")
     parser.add_argument(
@@ -247,6 +265,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--resume", action="store_true", help="reuse folds saved by an earlier run")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.quick:  # the pipeline end to end (tests/test_bench_quick.py), not the numbers
         args.run_folds, args.budgets, args.scratch_epochs, args.finetune_epochs = 1, [10, 20], 2, 1
@@ -269,12 +292,7 @@ def main() -> None:
     # (--only-folds / --only-arms). A fold's seeded initial models come from bench_physician's kept file
     # (physician.initial_models_file) when one was made with the same settings; the first process to need them
     # trains and keeps them otherwise.
-    suffix = f"_split{args.split_seed}" if args.split_seed else ""
-    suffix += f"_{setup.name}" if setup.recipe is not None else ""
-    # budgets other than the default grid are another experiment: their own cache and results files
-    if not args.quick and args.budgets != DEFAULT_BUDGETS:
-        suffix += "_budgets" + "-".join(map(str, args.budgets))
-    suffix += f"_{args.tag}" if args.tag else ""
+    suffix = study_suffix(args, setup)
     cache = args.out / f".cache_rank_ablation{suffix}"
     cache.mkdir(parents=True, exist_ok=True)
     folds = []
@@ -302,6 +320,7 @@ def main() -> None:
         **reach(folds, names, args.budgets),
         "arms": names,
         "split_seed": args.split_seed,
+        "stratify": args.stratify,
         "budgets": args.budgets,
         "folds": len(folds),
         "fold_seconds": [round(float(f["seconds"]), 1) for f in folds],

@@ -352,3 +352,32 @@ def test_physician_stratified_folds_cache_apart(tmp_path: Path) -> None:
     spread = [setup.data.labels[f].sum(0) for f in folds]
     plain_spread = [setup.data.labels[f].sum(0) for f in physician.held_out_folds(plain, setup.data)]
     assert np.ptp(spread, axis=0).sum() < np.ptp(plain_spread, axis=0).sum()
+
+
+def test_rank_ablation_stratified_reuses_the_physician_runs_initial_models(tmp_path: Path) -> None:
+    """bench_rank_ablation --stratify starts from the initial models bench_physician --stratify kept for the same
+    recipe and folds (no hour per fold retrained), and its own cache and results files carry the setting."""
+    import argparse
+
+    import bench_base_models as base
+    import bench_physician as physician
+    import bench_rank_ablation as ablation
+
+    shared_or_skip(NIH)
+    name = "base_models_80_mixup_strat"
+    setup = physician.Setup(
+        physician.sim.load_manifest_folder(NIH), physician.sim.ModelSpec(), base.load_recipe(name), name
+    )
+    flags = ["--base-recipe", name, "--out", str(tmp_path)]
+    stratified = ablation.build_parser().parse_args([*flags, "--stratify"])
+    plain = ablation.build_parser().parse_args(flags)
+    physician_run = argparse.Namespace(folds=5, stratify=True, out=tmp_path)  # bench_physician's --stratify
+    for fold in range(5):
+        assert physician.initial_models_file(stratified, setup, fold) == physician.initial_models_file(
+            physician_run, setup, fold
+        )
+    assert physician.initial_models_file(plain, setup, 0) != physician.initial_models_file(stratified, setup, 0)
+    assert ablation.study_suffix(plain, setup) == f"_{name}"  # the name studies before the option had
+    assert ablation.study_suffix(stratified, setup) == f"_{name}_stratified"
+    finer = ablation.build_parser().parse_args([*flags, "--stratify", "--budgets", "10", "30", "--tag", "x"])
+    assert ablation.study_suffix(finer, setup) == f"_{name}_stratified_budgets10-30_x"
