@@ -588,7 +588,6 @@ def main() -> int:
                 "clean_model_auroc": {**r.result["per_finding"], "macro": r.result["macro"]},
                 "macro_excluding_pneumonia": r.result["macro_excluding_pneumonia"],
                 "complete": r.complete,
-                "folds_done": sorted(r.fold_seconds),
                 "n_images": r.n_images,
                 "fold_seconds": r.fold_seconds,
                 "member_macro_auroc": r.member_macro,
