@@ -33,7 +33,7 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TypedDict
 
@@ -101,6 +101,34 @@ ARMS = [
     Arm("attention_bald", "wbce", LossConfig(prediction="wbce"), "bald"),
     Arm("full", "wbce", LossConfig(prediction="wbce"), "bias"),
 ]
+
+
+def arms_for(args: argparse.Namespace) -> list[Arm]:
+    """The arms this run measures: ARMS, with ``--ignore-weight`` (when given) as the input-gradient weight of
+    the arms that have one, so a variant of the attention loss is measured on the same folds and orders."""
+    weight = getattr(args, "ignore_weight", None)
+    if weight is None:
+        return ARMS
+    return [replace(a, loss=replace(a.loss, ignore_weight=weight)) if has_attention(a) else a for a in ARMS]
+
+
+def has_attention(arm: Arm) -> bool:
+    """Whether the arm fine-tunes with the attention loss (any of its terms), not with labels alone."""
+    return any(getattr(arm.loss, term) != off for term, off in NO_ATTENTION.items())
+
+
+def start_from_cache(source: Path, cache: Path, folds: Sequence[int]) -> list[str]:
+    """Copy into ``cache`` the folds (results and kept initial models) it lacks from another run's cache, so a
+    variant run with ``--rerun-arms`` recomputes only its arms and keeps the others as that run measured them.
+    Nothing already in ``cache`` is replaced. Returns the names copied."""
+    copied = []
+    for fold in folds:
+        for file in [source / f"fold{fold}.pkl", *sorted(source.glob(f"fold{fold}-*.initial.pt"))]:
+            target = cache / file.name
+            if file.exists() and not target.exists():
+                write_atomic(target, file.read_bytes())  # whole or not at all, like every file in the cache
+                copied.append(file.name)
+    return copied
 
 
 @dataclass(frozen=True)
@@ -284,7 +312,9 @@ def run_fold(
     # what the initial models depend on (a checkpoint made otherwise is not reused) and what the arms depend on
     # (a checkpoint made with other budgets or fine-tuning keeps its initial models, not its arms)
     initial_made_with = initial_settings(args, setup)
-    arm_settings = {"budgets": list(args.budgets), "finetune_epochs": args.finetune_epochs}
+    arm_settings: dict = {"budgets": list(args.budgets), "finetune_epochs": args.finetune_epochs}
+    if getattr(args, "ignore_weight", None) is not None:  # only when set: older checkpoints keep their match
+        arm_settings["ignore_weight"] = args.ignore_weight
 
     def save(out: dict, initial: dict[str, torch.nn.Module]) -> None:
         if checkpoint is not None:  # written whole, then renamed: a kill mid-write leaves the previous one
@@ -673,6 +703,8 @@ def summarise(folds: list[dict], setup: Setup, args: argparse.Namespace, command
             " as short edits in the Label Studio editor",
         },
         "model": setup.describe(),
+        # the attention arms' loss (the product's LossConfig unless --ignore-weight changed it)
+        "attention_loss": asdict(next(a.loss for a in arms_for(args) if a.name == "full")),
         "command": command,
         "machine": {
             "cpu": platform.processor() or platform.machine(),
@@ -845,7 +877,21 @@ def main() -> None:
         choices=[a.name for a in ARMS],
         help="with --resume: recompute only these arms in the cached folds (seeded: the other arms are unchanged)",
     )
+    parser.add_argument(
+        "--ignore-weight",
+        type=float,
+        help="the input-gradient weight of the attention arms (default: the product's LossConfig); a variant "
+        "run: give it its own --out",
+    )
+    parser.add_argument(
+        "--start-from",
+        type=Path,
+        help="with --rerun-arms: another run's cache folder; the folds --out lacks are copied from it first, so "
+        "only the rerun arms are computed",
+    )
     args = parser.parse_args()
+    if args.start_from is not None and not (args.rerun_arms and args.resume):
+        parser.error("--start-from goes with --resume and --rerun-arms")
     if args.quick:
         # one seed, a small budget: checks the pipeline end to end (tests/test_bench_quick.py), not the numbers
         args.run_folds, args.budgets, args.scratch_epochs, args.finetune_epochs, args.n_boot = 1, [10, 20], 2, 1, 20
@@ -854,6 +900,10 @@ def main() -> None:
     # Each fold is saved as it finishes, so an interrupted run resumes (--resume) instead of starting over.
     cache = cache_dir(args, setup)
     cache.mkdir(parents=True, exist_ok=True)
+    if args.start_from is not None:
+        todo_folds = args.only_folds if args.only_folds is not None else range(args.run_folds or args.folds)
+        print(f"copied from {args.start_from}: {start_from_cache(args.start_from, cache, todo_folds)}", flush=True)
+    arms = arms_for(args)
     folds = []
     for f in range(args.run_folds or args.folds):
         path = cache / f"fold{f}.pkl"
@@ -864,7 +914,8 @@ def main() -> None:
         if args.resume and path.exists():
             cached = pickle.loads(path.read_bytes())
             if args.rerun_arms:
-                todo = [a for a in ARMS if a.name in args.rerun_arms]
+                # in the order asked for: an interrupted rerun has the arms named first
+                todo = [a for name in args.rerun_arms for a in arms if a.name == name]
                 # checkpointed per arm like a fresh fold, so an interrupted rerun resumes at its last arm
                 rerun_checkpoint = cache / f"fold{f}.rerun.partial.pt"
                 rerun = run_fold(
@@ -878,7 +929,8 @@ def main() -> None:
         checkpoint = cache / f"fold{f}.partial.pt"
         if not args.resume:
             checkpoint.unlink(missing_ok=True)
-        folds.append(run_fold(f, setup, args, checkpoint=checkpoint, initial_file=initial_models_file(args, setup, f)))
+        kept = initial_models_file(args, setup, f)
+        folds.append(run_fold(f, setup, args, arms, checkpoint=checkpoint, initial_file=kept))
         write_atomic(path, pickle.dumps(folds[-1]))  # a kill mid-write leaves no torn fold to resume from
         checkpoint.unlink(missing_ok=True)
     if len(folds) < (args.run_folds or args.folds):

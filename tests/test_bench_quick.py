@@ -381,3 +381,38 @@ def test_rank_ablation_stratified_reuses_the_physician_runs_initial_models(tmp_p
     assert ablation.study_suffix(stratified, setup) == f"_{name}_stratified"
     finer = ablation.build_parser().parse_args([*flags, "--stratify", "--budgets", "10", "30", "--tag", "x"])
     assert ablation.study_suffix(finer, setup) == f"_{name}_stratified_budgets10-30_x"
+
+
+def test_ignore_weight_variant_reruns_only_the_attention_arms_from_another_runs_cache(tmp_path: Path) -> None:
+    """``--ignore-weight`` changes the input-gradient weight of the arms that have one and no other arm or term;
+    ``--start-from`` copies the folds a variant's cache lacks from the run it varies, never over its own."""
+    import argparse
+
+    import bench_physician as physician
+
+    default = physician.arms_for(argparse.Namespace())
+    assert default is physician.ARMS
+    variant = physician.arms_for(argparse.Namespace(ignore_weight=0.0))
+    for before, after in zip(default, variant, strict=True):
+        assert (before.name, before.order, before.initial) == (after.name, after.order, after.initial)
+        if physician.has_attention(before):  # the four attention arms: only the weight changes
+            assert after.loss == physician.replace(before.loss, ignore_weight=0.0)
+        else:
+            assert after is before
+    assert [a.name for a, b in zip(variant, default, strict=True) if a.loss != b.loss] == [
+        "attention_random",
+        "attention_entropy",
+        "attention_bald",
+        "full",
+    ]
+
+    source, cache = tmp_path / "run", tmp_path / "variant"
+    source.mkdir(), cache.mkdir()
+    for name in ("fold0.pkl", "fold0-abc.initial.pt", "fold1.pkl", "fold1-abc.initial.pt", "fold2.pkl"):
+        (source / name).write_bytes(name.encode())
+    (cache / "fold1.pkl").write_bytes(b"the variant's own")
+    copied = physician.start_from_cache(source, cache, [0, 1])
+    assert copied == ["fold0.pkl", "fold0-abc.initial.pt", "fold1-abc.initial.pt"]
+    assert (cache / "fold0.pkl").read_bytes() == b"fold0.pkl"
+    assert (cache / "fold1.pkl").read_bytes() == b"the variant's own"  # never replaced
+    assert not (cache / "fold2.pkl").exists()  # only the folds asked for
