@@ -142,6 +142,8 @@ RECIPE_KNOBS = (
     "label_smoothing",
     "ema",
     "sets",
+    "mixup",  # recipes recorded before these options lack them: train_fold's defaults (off) then apply
+    "hflip",
 )
 
 
@@ -179,7 +181,8 @@ def main() -> int:
     if args.base_recipe:
         recipe = base.load_recipe(args.base_recipe)
         for knob in RECIPE_KNOBS:
-            setattr(args, knob, getattr(recipe, knob))
+            if hasattr(recipe, knob):
+                setattr(args, knob, getattr(recipe, knob))
     args.loss = "bce"
     if args.quick:
         args.folds, args.epochs, args.finetune_epochs, args.sets, args.n_boot = 2, 1, 1, ["nih1000"], 50

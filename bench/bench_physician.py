@@ -750,7 +750,8 @@ def write_outputs(summary: dict, out: Path) -> None:
         f"model {summary['model']}; cost model {summary['cost_model_s']}.  ",
         f"Machine: {summary['machine']}; compute {summary['compute_seconds']['total'] / 3600:.1f} process-hours "
         f"(per fold, s: {summary['compute_seconds']['per_fold']}; one torch thread per process, initial models "
-        "and reruns included).",
+        "and reruns included).  ",
+        f"Attention arms' loss: {summary.get('attention_loss')}.",
         "",
         "## Headline (full system vs baseline, pooled held-out predictions, 95% patient bootstrap intervals)",
         "",
@@ -838,6 +839,12 @@ def write_outputs(summary: dict, out: Path) -> None:
     (out / "physician.md").write_text("\n".join(lines))
 
 
+def rerun_started(cache: Path, fold: int) -> Path:
+    """Present while a --rerun-arms of the fold is under way or was interrupted (resume it to finish): the
+    summary would otherwise mix the fold's old and new arms."""
+    return cache / f"fold{fold}.rerun.started"
+
+
 def merge_rerun(cached: dict, rerun: dict, arms: Sequence[str]) -> dict:
     """A cached fold with the ``arms`` a ``--rerun-arms`` run recomputed. Only those: a rerun checkpoint left by
     an interrupted rerun of other arms must not replace them. The rerun's compute is added to the fold's, so the
@@ -918,12 +925,15 @@ def main() -> None:
                 todo = [a for name in args.rerun_arms for a in arms if a.name == name]
                 # checkpointed per arm like a fresh fold, so an interrupted rerun resumes at its last arm
                 rerun_checkpoint = cache / f"fold{f}.rerun.partial.pt"
+                started_marker = rerun_started(cache, f)
+                started_marker.touch()  # the checkpoint only appears after the first arm: this marks the start
                 rerun = run_fold(
                     f, setup, args, todo, checkpoint=rerun_checkpoint, initial_file=initial_models_file(args, setup, f)
                 )
                 cached = merge_rerun(cached, rerun, args.rerun_arms)
                 write_atomic(path, pickle.dumps(cached))
                 rerun_checkpoint.unlink(missing_ok=True)
+                started_marker.unlink()
             folds.append(cached)
             continue
         checkpoint = cache / f"fold{f}.partial.pt"
@@ -937,9 +947,9 @@ def main() -> None:
         print(f"{len(folds)} folds cached so far; summarise once all are done (--resume)")
         return
     # a fold whose --rerun-arms is under way (in another process) would mix old and new arms into the summary
-    rerunning = [f for f in range(len(folds)) if (cache / f"fold{f}.rerun.partial.pt").exists()]
+    rerunning = [f for f in range(len(folds)) if rerun_started(cache, f).exists()]
     if rerunning:
-        print(f"folds {rerunning} have a rerun under way (fold*.rerun.partial.pt): summarise once it is done")
+        print(f"folds {rerunning} have a rerun under way (fold*.rerun.started): summarise once it is done")
         return
     command = "python bench/bench_physician.py " + " ".join(sys.argv[1:])
     summary = summarise(folds, setup, args, command.strip())
