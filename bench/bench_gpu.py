@@ -174,8 +174,11 @@ def training_cost(device: torch.device, rounds: int, reps: int) -> dict[str, dic
     only_ignore = replace(data, has_evidence=torch.zeros_like(data.has_evidence))
     variants = {
         "evidence": step(only_evidence, LossConfig(ignore_weight=0.0)),
-        "ignore_25": step(only_ignore, LossConfig(evidence_weight=0.0)),
-        "ignore_25+evidence+counterfactual (fine_tune default)": step(data, LossConfig(), counterfactual=True),
+        "ignore_25": step(only_ignore, LossConfig(ignore_weight=0.1, evidence_weight=0.0)),
+        # fine_tune's default mix until the input-gradient weight became 0 (LossConfig)
+        "ignore_25+evidence+counterfactual (fine_tune default)": step(
+            data, LossConfig(ignore_weight=0.1), counterfactual=True
+        ),
     }
     return {name: ratio(fn, plain, rounds, reps) for name, fn in variants.items()}
 

@@ -951,6 +951,8 @@ def main() -> None:
     if rerunning:
         print(f"folds {rerunning} have a rerun under way (fold*.rerun.started): summarise once it is done")
         return
+    # read again: a fold loaded before this process's own work may have been rerun by another process since
+    folds = [pickle.loads((cache / f"fold{f}.pkl").read_bytes()) for f in range(len(folds))]
     command = "python bench/bench_physician.py " + " ".join(sys.argv[1:])
     summary = summarise(folds, setup, args, command.strip())
     write_outputs(summary, args.out)

@@ -116,8 +116,12 @@ def run_size(size: int, reps: int, budget_s: float) -> dict[str, Any]:
         "ignore_25": (with_masks(data, 0.25, False), LossConfig(ignore_weight=0.1, evidence_weight=0.0)),
         "ignore_25+evidence": (with_masks(data, 0.25, True), LossConfig(ignore_weight=0.1, evidence_weight=0.1)),
         "ignore_25_weight0": (with_masks(data, 0.25, False), off),
-        # what fine_tune runs by default: the input-gradient term + counterfactual images (same rows)
-        "ignore_25+counterfactual": (with_masks(data, 0.25, False), LossConfig(evidence_weight=0.0)),
+        # what fine_tune ran by default until the input-gradient weight became 0 (LossConfig): the input-gradient
+        # term + counterfactual images (same rows)
+        "ignore_25+counterfactual": (
+            with_masks(data, 0.25, False),
+            LossConfig(ignore_weight=0.1, evidence_weight=0.0),
+        ),
     }
     generator = torch.Generator().manual_seed(0)
     parts_seen: dict[str, list[str]] = {}

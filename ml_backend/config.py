@@ -41,7 +41,7 @@ class TrainingSettings:
     batch_size: int = 16
     lr: float = 3e-4
     prediction_loss: str = "wbce"
-    ignore_weight: float = 0.1
+    ignore_weight: float = 0.0  # LossConfig.ignore_weight: why it is off
     input_gradient_on_propagated: bool = False  # LossConfig.input_gradient_on_propagated: why it is off
     evidence_weight: float = 0.1
     counterfactuals: bool = True
@@ -57,7 +57,7 @@ class TrainingSettings:
             batch_size=e.integer("TRAIN_BATCH_SIZE", 16),
             lr=e.number("TRAIN_LR", 3e-4),
             prediction_loss=e.text("PRED_LOSS", "wbce") or "wbce",
-            ignore_weight=e.number("IGNORE_LOSS_WEIGHT", 0.1),
+            ignore_weight=e.number("IGNORE_LOSS_WEIGHT", 0.0),
             input_gradient_on_propagated=e.flag("IGNORE_GRADIENT_ON_PROPAGATED", False),
             evidence_weight=e.number("EVIDENCE_LOSS_WEIGHT", 0.1),
             counterfactuals=e.flag("COUNTERFACTUALS", True),

@@ -75,7 +75,7 @@ def test_input_gradient_term_can_be_kept_to_the_masks_physicians_painted() -> No
         batch.has_evidence,
     )
     explainer = HeatmapExplainer(model)
-    config = LossConfig(prediction="bce", evidence_weight=0.0)
+    config = LossConfig(prediction="bce", ignore_weight=0.1, evidence_weight=0.0)  # the term is off by default
     ones = torch.ones(3)
     _, both = train_step(explainer, batch, config, ones)
     _, painted = train_step(explainer, batch, config, ones, gradient_rows=torch.tensor([True, False, False, False]))

@@ -134,7 +134,9 @@ def test_webhook_to_new_version_served_by_predict(loop_env, redis_conn, ls_reque
         assert training["task_ids"] == sorted([500 + i for i in range(len(records))] + [900, 901])
         assert training["annotations_used"] + training["holdout"] == len(records) + 1  # + 901, without its mask
         assert training["masked_ignore"] > 0 and training["masked_evidence_pairs"] > 0
-        assert training["history"][0]["prediction"] > 0 and "ignore_gradient" in training["history"][0]
+        first_epoch = training["history"][0]
+        assert first_epoch["prediction"] > 0 and "evidence_outside" in first_epoch
+        assert "ignore_gradient" not in first_epoch  # off by default (LossConfig.ignore_weight): no double backprop
         assert info.meta.parent == "v0" and info.meta.metrics["n_images"] == training["holdout"]
 
         started = time.perf_counter()
