@@ -312,9 +312,13 @@ def run_fold(
     # what the initial models depend on (a checkpoint made otherwise is not reused) and what the arms depend on
     # (a checkpoint made with other budgets or fine-tuning keeps its initial models, not its arms)
     initial_made_with = initial_settings(args, setup)
-    arm_settings: dict = {"budgets": list(args.budgets), "finetune_epochs": args.finetune_epochs}
-    if getattr(args, "ignore_weight", None) is not None:  # only when set: older checkpoints keep their match
-        arm_settings["ignore_weight"] = args.ignore_weight
+    # the input-gradient weight too: a checkpoint made under another default (or --ignore-weight) keeps no arms
+    ignore_weight = next(a.loss.ignore_weight for a in arms_for(args) if has_attention(a))
+    arm_settings = {
+        "budgets": list(args.budgets),
+        "finetune_epochs": args.finetune_epochs,
+        "ignore_weight": ignore_weight,
+    }
 
     def save(out: dict, initial: dict[str, torch.nn.Module]) -> None:
         if checkpoint is not None:  # written whole, then renamed: a kill mid-write leaves the previous one

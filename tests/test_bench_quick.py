@@ -174,7 +174,7 @@ def test_learning_curve_pools_folds_per_recorded_epoch() -> None:
     assert base.learning_curve({"labels": labels, "source": np.array(["a"] * 200)}, curves, every=3) == []
 
 
-def test_physician_fold_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+def test_physician_fold_resumes_from_its_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A fold interrupted after some arms continues from its checkpoint (the initial models and the finished
     arms, as saved) and computes the remaining arms exactly as an uninterrupted run does."""
     import argparse
@@ -218,6 +218,12 @@ def test_physician_fold_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     other_budgets = argparse.Namespace(**{**vars(args), "budgets": [5]})
     rebudgeted = physician.run_fold(0, setup, other_budgets, [baseline], checkpoint=checkpoint)
     assert [r["budget"] for r in rebudgeted["arms"]["baseline"]] == [5]
+    # another input-gradient weight (--ignore-weight, or another default): the checkpoint's arms are not kept
+    capsys.readouterr()
+    reweighted = physician.run_fold(
+        0, setup, argparse.Namespace(**{**vars(other_budgets), "ignore_weight": 0.5}), [], checkpoint
+    )
+    assert "its arms are rerun" in capsys.readouterr().out and reweighted["arms"] == {}
     np.testing.assert_array_equal(rebudgeted["initial"]["bce"]["p"], straight["initial"]["bce"]["p"])
     # other initial models (more scratch epochs): the checkpoint is not used at all
     more_epochs = argparse.Namespace(**{**vars(args), "scratch_epochs": 2})
@@ -392,11 +398,11 @@ def test_ignore_weight_variant_reruns_only_the_attention_arms_from_another_runs_
 
     default = physician.arms_for(argparse.Namespace())
     assert default is physician.ARMS
-    variant = physician.arms_for(argparse.Namespace(ignore_weight=0.0))
+    variant = physician.arms_for(argparse.Namespace(ignore_weight=0.5))  # not the default (0 since 2026-12-07)
     for before, after in zip(default, variant, strict=True):
         assert (before.name, before.order, before.initial) == (after.name, after.order, after.initial)
         if physician.has_attention(before):  # the four attention arms: only the weight changes
-            assert after.loss == physician.replace(before.loss, ignore_weight=0.0)
+            assert after.loss == physician.replace(before.loss, ignore_weight=0.5)
         else:
             assert after is before
     assert [a.name for a, b in zip(variant, default, strict=True) if a.loss != b.loss] == [
