@@ -15,6 +15,7 @@ import argparse
 import json
 import pickle
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,15 @@ from ml_backend.train.losses import LossConfig  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 ATTENTION = LossConfig(prediction="wbce")
+# The input-gradient weight every study ran under before the product turned it off (6445513). Their cache and
+# results files carry no weight in their names, so only a study under this weight may find them again.
+LEGACY_IGNORE_WEIGHT = 0.1
+
+
+def attention_loss(args: argparse.Namespace) -> LossConfig:
+    """The arms' loss: the product's, with ``--ignore-weight`` as the input-gradient weight when given."""
+    weight = getattr(args, "ignore_weight", None)
+    return ATTENTION if weight is None else replace(ATTENTION, ignore_weight=weight)
 
 
 def parse_combo(text: str) -> tuple[tuple[str, float], ...]:
@@ -53,22 +63,26 @@ DEFAULT_BUDGETS = [30, 60, 120]
 
 
 def ablation_arms(
-    signals: tuple[str, ...], combos: tuple[str, ...] = (), with_random: bool = True, keep_detector: bool = False
+    signals: tuple[str, ...],
+    combos: tuple[str, ...] = (),
+    with_random: bool = True,
+    keep_detector: bool = False,
+    loss: LossConfig = ATTENTION,
 ) -> list[physician.Arm]:
     """The reference arms (random order unless ``with_random`` is False, BALD, the default ranking), one drop-one
     arm per signal, one arm per combination of weights and, with ``keep_detector``, the default ranking and BALD
     order with rounds that fall back to the last accepted artefact detector where a new fit declines."""
     weighted = [parse_combo(c) for c in combos]
     references = (("full", "bias"), ("attention_bald", "bald"))
-    kept = [physician.Arm(f"{n}_keep_detector", "wbce", ATTENTION, o, keep_detector=True) for n, o in references]
+    kept = [physician.Arm(f"{n}_keep_detector", "wbce", loss, o, keep_detector=True) for n, o in references]
     kept = kept if keep_detector else []
-    random_arm = [physician.Arm("attention_random", "wbce", ATTENTION, "random")] if with_random else []
+    random_arm = [physician.Arm("attention_random", "wbce", loss, "random")] if with_random else []
     return [
         *random_arm,
-        physician.Arm("attention_bald", "wbce", ATTENTION, "bald"),
-        physician.Arm("full", "wbce", ATTENTION, "bias"),
-        *[physician.Arm(f"full_without_{s}", "wbce", ATTENTION, "bias", ((s, 0.0),)) for s in signals],
-        *[physician.Arm(combo_name(w), "wbce", ATTENTION, "bias", w) for w in weighted],
+        physician.Arm("attention_bald", "wbce", loss, "bald"),
+        physician.Arm("full", "wbce", loss, "bias"),
+        *[physician.Arm(f"full_without_{s}", "wbce", loss, "bias", ((s, 0.0),)) for s in signals],
+        *[physician.Arm(combo_name(w), "wbce", loss, "bias", w) for w in weighted],
         *kept,
     ]
 
@@ -160,6 +174,8 @@ def write_outputs(result: dict, out: Path, suffix: str = "") -> None:
     pooled, per_fold, final = result["pooled"], result["per_fold"], result["final_delta_p"]
     random_n = pooled.get("attention_random")
     random_run = "attention_random" in pooled
+    # files written before the loss was recorded ran under the legacy input-gradient weight
+    loss = result.get("attention_loss", f"not recorded (input-gradient weight {LEGACY_IGNORE_WEIGHT})")
     lines = [
         "# Ranking ablation: which signals earn their place (`bench/bench_rank_ablation.py`)",
         "",
@@ -173,6 +189,8 @@ def write_outputs(result: dict, out: Path, suffix: str = "") -> None:
         f"(split seed {result['split_seed']}; 0 = bench_physician's); "
         f"budgets {result['budgets']}; same shortcut, "
         "simulated physician and cost model.",
+        "",
+        f"Every arm's loss: {loss}.",
         "",
         "Annotations to reach 90% of the full system's ΔP reduction (interpolated between budgets; "
         f"`>{budget_cap}` = not reached within the budget). `pooled` = on the fold-mean ΔP curves; `vs random` = "
@@ -218,6 +236,18 @@ def write_outputs(result: dict, out: Path, suffix: str = "") -> None:
     (out / f"rank_ablation{suffix}.md").write_text("\n".join(lines) + "\n")
 
 
+def reusable(path: Path, loss: LossConfig) -> bool:
+    """A cached (fold, arm) computed under this loss. The study's name carries the input-gradient weight; the
+    recorded loss catches any other change of it. Parts from before the record was kept are legacy studies'."""
+    if not path.exists():
+        return False
+    recorded = pickle.loads(path.read_bytes()).get("attention_loss")
+    if recorded is not None and recorded != asdict(loss):
+        print(f"{path.name}: computed under another loss ({recorded}), not reused", flush=True)
+        return False
+    return True
+
+
 def study_suffix(args: argparse.Namespace, setup: physician.Setup) -> str:
     """The name this study's cache and results files carry: each setting that changes what is measured adds to
     it, and a study with none of them keeps the name the first one had."""
@@ -227,6 +257,8 @@ def study_suffix(args: argparse.Namespace, setup: physician.Setup) -> str:
     # budgets other than the default grid are another experiment: their own cache and results files
     if not args.quick and args.budgets != DEFAULT_BUDGETS:
         suffix += "_budgets" + "-".join(map(str, args.budgets))
+    weight = attention_loss(args).ignore_weight
+    suffix += f"_ignore_weight{weight:g}" if weight != LEGACY_IGNORE_WEIGHT else ""
     return suffix + (f"_{args.tag}" if args.tag else "")
 
 
@@ -261,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add full_ and attention_bald_keep_detector: the last accepted detector kept",
     )
+    parser.add_argument(
+        "--ignore-weight",
+        type=float,
+        help="the input-gradient weight of every arm (default: the product's LossConfig); part of the study's name",
+    )
     parser.add_argument("--tag", default="", help="a name for this study in its cache and results files")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--resume", action="store_true", help="reuse folds saved by an earlier run")
@@ -281,6 +318,7 @@ def main() -> None:
             tuple(args.combos),
             with_random=not args.without_random,
             keep_detector=args.keep_detector,
+            loss=attention_loss(args),
         )
     except ValueError as error:
         parser.error(str(error))
@@ -298,7 +336,7 @@ def main() -> None:
     folds = []
     for f in range(args.run_folds):
         parts = {a.name: cache / f"fold{f}_{a.name}.pkl" for a in arms}
-        todo = [a for a in arms if not (args.resume and parts[a.name].exists())]
+        todo = [a for a in arms if not (args.resume and reusable(parts[a.name], a.loss))]
         if args.no_compute or (args.only_folds is not None and f not in args.only_folds):
             todo = []
         if args.only_arms:
@@ -309,8 +347,9 @@ def main() -> None:
                 part = {k: v for k, v in out.items() if k != "arms"} | {"arms": {a.name: out["arms"][a.name]}}
                 part["seconds"] = out["seconds"] / len(todo)  # the arm's share of its process
                 part["machine"], part["command"] = machine, command
+                part["attention_loss"] = asdict(a.loss)
                 parts[a.name].write_bytes(pickle.dumps(part))
-        if all(path.exists() for path in parts.values()):
+        if all(reusable(parts[a.name], a.loss) for a in arms):
             folds.append(merge_parts([pickle.loads(path.read_bytes()) for path in parts.values()]))
     if len(folds) < args.run_folds:
         print(f"{len(folds)} of {args.run_folds} folds complete so far; summarise once all are (--resume)")
@@ -329,6 +368,7 @@ def main() -> None:
         # what computed the arms (parallel processes), not the call that summarised them
         "commands": sorted({c for f in folds for c in f["commands"]}),
         "machine": "; ".join(sorted({m for f in folds for m in f["machines"]})),
+        "attention_loss": asdict(attention_loss(args)),
     }
     write_outputs(result, args.out, suffix)
     if args.out == RESULTS:  # one key per split and budget grid; summary.json keeps the other benchmarks' keys

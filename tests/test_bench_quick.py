@@ -383,10 +383,13 @@ def test_rank_ablation_stratified_reuses_the_physician_runs_initial_models(tmp_p
             physician_run, setup, fold
         )
     assert physician.initial_models_file(plain, setup, 0) != physician.initial_models_file(stratified, setup, 0)
-    assert ablation.study_suffix(plain, setup) == f"_{name}"  # the name studies before the option had
-    assert ablation.study_suffix(stratified, setup) == f"_{name}_stratified"
+    # the product's input-gradient weight (off) is part of the name; the legacy weight keeps the earlier names
+    assert ablation.study_suffix(plain, setup) == f"_{name}_ignore_weight0"
+    legacy = ablation.build_parser().parse_args([*flags, "--ignore-weight", "0.1"])
+    assert ablation.study_suffix(legacy, setup) == f"_{name}"  # the name studies before the option had
+    assert ablation.study_suffix(stratified, setup) == f"_{name}_stratified_ignore_weight0"
     finer = ablation.build_parser().parse_args([*flags, "--stratify", "--budgets", "10", "30", "--tag", "x"])
-    assert ablation.study_suffix(finer, setup) == f"_{name}_stratified_budgets10-30_x"
+    assert ablation.study_suffix(finer, setup) == f"_{name}_stratified_budgets10-30_ignore_weight0_x"
 
 
 def test_ignore_weight_variant_reruns_only_the_attention_arms_from_another_runs_cache(tmp_path: Path) -> None:

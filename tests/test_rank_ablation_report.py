@@ -78,3 +78,27 @@ def test_report_shows_each_arms_paired_difference_from_full(tmp_path: Path) -> N
     table = (tmp_path / "rank_ablation.md").read_text()
     assert "| attention_bald | 0.0500 | 0.0500 | +0.0200 | 0 of 1 |" in table
     assert "| full | 0.0300 | 0.0300 | +0.0000 | 0 of 1 |" in table
+
+
+def test_a_cached_arm_is_reused_only_under_the_loss_it_was_computed_with(tmp_path: Path) -> None:
+    """The study's name carries the input-gradient weight; each cached (fold, arm) also records its whole loss,
+    so a study whose loss changed in any other way recomputes it instead of mixing two losses in one table."""
+    import argparse
+    import pickle
+    from dataclasses import asdict, replace
+
+    loss = ablation.attention_loss(argparse.Namespace(ignore_weight=None))
+    assert loss == ablation.ATTENTION and loss.ignore_weight == 0.0  # the product's default
+    assert ablation.attention_loss(argparse.Namespace(ignore_weight=0.03)).ignore_weight == 0.03
+    assert all(a.loss == loss for a in ablation.ablation_arms(("heatmap",), loss=loss))
+    part = tmp_path / "fold0_full.pkl"
+    assert not ablation.reusable(part, loss)  # nothing cached yet
+    part.write_bytes(pickle.dumps({"arms": {}, "attention_loss": asdict(loss)}))
+    assert ablation.reusable(part, loss)
+    assert not ablation.reusable(part, replace(loss, artefact_paste_rate=1.0))
+    part.write_bytes(pickle.dumps({"arms": {}}))  # cached before the loss was recorded: a legacy study's
+    assert ablation.reusable(part, loss)
+    ablation.write_outputs(_result(["full"], {"full": 10.0}), tmp_path)
+    assert "not recorded (input-gradient weight 0.1)" in (tmp_path / "rank_ablation.md").read_text()
+    ablation.write_outputs(_result(["full"], {"full": 10.0}) | {"attention_loss": asdict(loss)}, tmp_path)
+    assert "'ignore_weight': 0.0" in (tmp_path / "rank_ablation.md").read_text()

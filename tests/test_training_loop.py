@@ -233,3 +233,15 @@ def test_killed_training_leaves_the_live_version_intact(loop_env, redis_conn) ->
     assert (
         store.info("5", "v1").meta.training["annotations_used"] + store.info("5", "v1").meta.training["holdout"] == 12
     )
+
+
+def test_the_settings_defaults_are_the_loss_defaults() -> None:
+    """The loss defaults are written three times (LossConfig, TrainingSettings, its environment reader): a job run
+    with no settings must train with exactly the loss the benchmarks measured as the default."""
+    from ml_backend.config import TrainingSettings
+    from ml_backend.train.jobs import train_config
+    from ml_backend.train.losses import LossConfig
+
+    assert TrainingSettings.from_env({}) == TrainingSettings()
+    assert train_config(TrainingSettings()).loss == LossConfig()
+    assert train_config(TrainingSettings.from_env({"IGNORE_LOSS_WEIGHT": "0.1"})).loss.ignore_weight == 0.1
