@@ -709,6 +709,7 @@ def summarise(folds: list[dict], setup: Setup, args: argparse.Namespace, command
         "model": setup.describe(),
         # the attention arms' loss (the product's LossConfig unless --ignore-weight changed it)
         "attention_loss": asdict(next(a.loss for a in arms_for(args) if a.name == "full")),
+        "arms_not_rerun": arms_not_rerun(folds),
         "command": command,
         "machine": {
             "cpu": platform.processor() or platform.machine(),
@@ -755,7 +756,13 @@ def write_outputs(summary: dict, out: Path) -> None:
         f"Machine: {summary['machine']}; compute {summary['compute_seconds']['total'] / 3600:.1f} process-hours "
         f"(per fold, s: {summary['compute_seconds']['per_fold']}; one torch thread per process, initial models "
         "and reruns included).  ",
-        f"Attention arms' loss: {summary.get('attention_loss')}.",
+        f"Attention arms' loss: {summary.get('attention_loss')}"
+        + (
+            f"; except {summary['arms_not_rerun']}: not rerun by this run, they keep the loss of the run that "
+            "computed them."
+            if summary.get("arms_not_rerun")
+            else "."
+        ),
         "",
         "## Headline (full system vs baseline, pooled held-out predictions, 95% patient bootstrap intervals)",
         "",
@@ -855,7 +862,16 @@ def merge_rerun(cached: dict, rerun: dict, arms: Sequence[str]) -> dict:
     summary reports what the results cost."""
     merged = {**cached, "arms": {**cached["arms"], **{a: r for a, r in rerun["arms"].items() if a in arms}}}
     merged["rerun_seconds"] = cached.get("rerun_seconds", 0.0) + rerun["seconds"]
+    # which arms this loss computed: the others keep the loss of the run that computed them (--start-from's)
+    merged["rerun_arms"] = sorted(set(cached.get("rerun_arms", [])) | set(arms))
     return merged
+
+
+def arms_not_rerun(folds: list[dict]) -> list[str]:
+    """The attention arms a --rerun-arms run did not recompute in some fold: measured under the loss of the run
+    that computed them (the one --start-from copied), not necessarily this run's."""
+    attention = {a.name for a in ARMS if has_attention(a)}
+    return sorted({a for f in folds if "rerun_arms" in f for a in f["arms"] if a in attention - set(f["rerun_arms"])})
 
 
 def main() -> None:

@@ -425,3 +425,13 @@ def test_ignore_weight_variant_reruns_only_the_attention_arms_from_another_runs_
     assert (cache / "fold0.pkl").read_bytes() == b"fold0.pkl"
     assert (cache / "fold1.pkl").read_bytes() == b"the variant's own"  # never replaced
     assert not (cache / "fold2.pkl").exists()  # only the folds asked for
+
+    # the summary names the attention arms the variant did not rerun: they keep the source run's loss
+    arms = {"baseline": [], "attention_random": [], "attention_bald": [], "full": []}
+    copied_fold = {"arms": arms, "seconds": 1.0}
+    rerun = {"arms": {"full": ["new"], "attention_bald": ["new"]}, "seconds": 2.0}
+    merged = physician.merge_rerun(copied_fold, rerun, ["full", "attention_bald"])
+    assert merged["rerun_arms"] == ["attention_bald", "full"] and merged["arms"]["full"] == ["new"]
+    assert physician.arms_not_rerun([merged]) == ["attention_random"]  # baseline has no attention loss
+    again = physician.merge_rerun(merged, {"arms": {"attention_random": ["new"]}, "seconds": 1.0}, ["attention_random"])
+    assert physician.arms_not_rerun([again]) == [] and physician.arms_not_rerun([copied_fold]) == []
