@@ -246,6 +246,36 @@ def physician_tables() -> list[str]:
             f"| {ARM_NAMES.get(name, name)} | {arm['delta_p']:.3f} | {_f(arm['shortcut_auroc'])} | "
             f"{_f(arm['macro_auroc'])} | {100 * arm['macro_f1']:.1f} | {_f(arm['eod_sex_worst'])} | {shown} |"
         )
+    sweep = ignore_weight_table()
+    return rows + (["", *sweep] if sweep else [])
+
+
+def ignore_weight_table() -> list[str]:
+    """The physician run against its variants that rerun the attention arms under another input-gradient weight
+    (bench/results/physician_ignore_weight_*/): the dose-response behind the default weight."""
+    runs = [("bench/results/summary.json", _load("summary"))]
+    for path in sorted(RESULTS.glob("physician_ignore_weight_*/summary.json")):
+        runs.append((str(path.relative_to(ROOT)), json.loads(path.read_text())))
+    runs = [(where, run) for where, run in runs if run is not None and "attention_loss" in run]
+    if len(runs) < 2:
+        return []
+    rows = [
+        "Input-gradient weight (`IGNORE_LOSS_WEIGHT`) against what it costs, same folds, physician and initial "
+        "models (the full system vs the baseline, 95% patient-bootstrap intervals; BALD order alongside):",
+        "",
+        "| weight | full: ΔP reduction (%) | full: macro-F1 gain (points) | full: macro AUROC | "
+        "full: Cardiomegaly AUROC | BALD: ΔP / macro AUROC | arms not rerun | results |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for where, run in sorted(runs, key=lambda item: item[1]["attention_loss"]["ignore_weight"]):
+        full, bald = run["per_arm"]["full"], run["per_arm"]["attention_bald"]
+        rows.append(
+            f"| {run['attention_loss']['ignore_weight']:g} | "
+            f"{_change(run, 'shortcut_dependence_reduction_pct', '%')} | {_change(run, 'macro_f1_gain_points', '')} | "
+            f"{_f(full['macro_auroc'])} | {_f(full['shortcut_auroc'])} | "
+            f"{bald['delta_p']:.3f} / {_f(bald['macro_auroc'])} | "
+            f"{', '.join(run.get('arms_not_rerun', [])) or 'none'} | `{where}` |"
+        )
     return rows
 
 
