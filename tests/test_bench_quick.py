@@ -60,7 +60,9 @@ def test_rank_ablation_quick_mode(tmp_path: Path) -> None:
     shared_or_skip(NIH)
     run = _bench("bench_rank_ablation.py", "--out", str(tmp_path), "--combos", "epistemic=3,heatmap=1", timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    result = json.loads((tmp_path / "rank_ablation.json").read_text())
+    # the study's name carries the input-gradient weight it ran under (the product's default, off)
+    result = json.loads((tmp_path / "rank_ablation_ignore_weight0.json").read_text())
+    assert result["attention_loss"]["ignore_weight"] == 0.0
     expected = ["attention_random", "attention_bald", "full", "full_without_heatmap", "full_without_epistemic"]
     expected.append("full_epistemic3_heatmap1")  # a --combos weighting
     assert result["arms"] == expected and result["folds"] == 1 and result["budgets"] == [10, 20]
@@ -74,7 +76,7 @@ def test_rank_ablation_quick_mode(tmp_path: Path) -> None:
         assert len(result["per_fold"][arm]) == 1 and -1.0 <= result["final_delta_p"][arm][0] <= 1.0
         curve = result["delta_p_curves"][arm][0]  # one ΔP per budget, the last being the final one
         assert len(curve) == 2 and curve[-1] == result["final_delta_p"][arm][0]
-    table = (tmp_path / "rank_ablation.md").read_text()
+    table = (tmp_path / "rank_ablation_ignore_weight0.md").read_text()
     assert all(f"| {arm} |" in table for arm in expected)
 
 
