@@ -253,10 +253,10 @@ def physician_tables() -> list[str]:
 def ignore_weight_table() -> list[str]:
     """The physician run against its variants that rerun the attention arms under another input-gradient weight
     (bench/results/physician_ignore_weight_*/): the dose-response behind the default weight."""
-    runs = [("bench/results/summary.json", _load("summary"))]
+    found = [("bench/results/summary.json", _load("summary"))]
     for path in sorted(RESULTS.glob("physician_ignore_weight_*/summary.json")):
-        runs.append((str(path.relative_to(ROOT)), json.loads(path.read_text())))
-    runs = [(where, run) for where, run in runs if run is not None and "attention_loss" in run]
+        found.append((str(path.relative_to(ROOT)), json.loads(path.read_text())))
+    runs = [(where, run) for where, run in found if run is not None and "attention_loss" in run]
     if len(runs) < 2:
         return []
     rows = [
