@@ -862,7 +862,7 @@ def merge_rerun(cached: dict, rerun: dict, arms: Sequence[str]) -> dict:
     summary reports what the results cost."""
     merged = {**cached, "arms": {**cached["arms"], **{a: r for a, r in rerun["arms"].items() if a in arms}}}
     merged["rerun_seconds"] = cached.get("rerun_seconds", 0.0) + rerun["seconds"]
-    # which arms this loss computed: the others keep the loss of the run that computed them (--start-from's)
+    # the arms recomputed under this run's loss: the others keep the loss of the run that computed them
     merged["rerun_arms"] = sorted(set(cached.get("rerun_arms", [])) | set(arms))
     return merged
 
