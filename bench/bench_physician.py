@@ -103,13 +103,17 @@ ARMS = [
 ]
 
 
+def with_ignore_weight(loss: LossConfig, args: argparse.Namespace) -> LossConfig:
+    """``loss`` with ``--ignore-weight`` as its input-gradient weight when the run was given one (this benchmark
+    and bench_rank_ablation.py measure a variant of the attention loss the same way)."""
+    weight = getattr(args, "ignore_weight", None)
+    return loss if weight is None else replace(loss, ignore_weight=weight)
+
+
 def arms_for(args: argparse.Namespace) -> list[Arm]:
     """The arms this run measures: ARMS, with ``--ignore-weight`` (when given) as the input-gradient weight of
     the arms that have one, so a variant of the attention loss is measured on the same folds and orders."""
-    weight = getattr(args, "ignore_weight", None)
-    if weight is None:
-        return ARMS
-    return [replace(a, loss=replace(a.loss, ignore_weight=weight)) if has_attention(a) else a for a in ARMS]
+    return [replace(a, loss=with_ignore_weight(a.loss, args)) if has_attention(a) else a for a in ARMS]
 
 
 def has_attention(arm: Arm) -> bool:

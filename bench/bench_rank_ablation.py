@@ -15,7 +15,7 @@ import argparse
 import json
 import pickle
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +40,7 @@ LEGACY_IGNORE_WEIGHT = 0.1
 
 def attention_loss(args: argparse.Namespace) -> LossConfig:
     """The arms' loss: the product's, with ``--ignore-weight`` as the input-gradient weight when given."""
-    weight = getattr(args, "ignore_weight", None)
-    return ATTENTION if weight is None else replace(ATTENTION, ignore_weight=weight)
+    return physician.with_ignore_weight(ATTENTION, args)
 
 
 def parse_combo(text: str) -> tuple[tuple[str, float], ...]:
@@ -236,16 +235,18 @@ def write_outputs(result: dict, out: Path, suffix: str = "") -> None:
     (out / f"rank_ablation{suffix}.md").write_text("\n".join(lines) + "\n")
 
 
-def reusable(path: Path, loss: LossConfig) -> bool:
-    """A cached (fold, arm) computed under this loss. The study's name carries the input-gradient weight; the
-    recorded loss catches any other change of it. Parts from before the record was kept are legacy studies'."""
+def stored_part(path: Path, loss: LossConfig) -> dict | None:
+    """A cached (fold, arm) computed under this loss, or None. The study's name carries the input-gradient
+    weight; the recorded loss catches any other change of it. Parts from before the record was kept are legacy
+    studies'."""
     if not path.exists():
-        return False
-    recorded = pickle.loads(path.read_bytes()).get("attention_loss")
+        return None
+    part = pickle.loads(path.read_bytes())
+    recorded = part.get("attention_loss")
     if recorded is not None and recorded != asdict(loss):
         print(f"{path.name}: computed under another loss ({recorded}), not reused", flush=True)
-        return False
-    return True
+        return None
+    return part
 
 
 def study_suffix(args: argparse.Namespace, setup: physician.Setup) -> str:
@@ -336,7 +337,8 @@ def main() -> None:
     folds = []
     for f in range(args.run_folds):
         parts = {a.name: cache / f"fold{f}_{a.name}.pkl" for a in arms}
-        todo = [a for a in arms if not (args.resume and reusable(parts[a.name], a.loss))]
+        stored = {a.name: stored_part(parts[a.name], a.loss) for a in arms}  # each part read once
+        todo = [a for a in arms if not (args.resume and stored[a.name] is not None)]
         if args.no_compute or (args.only_folds is not None and f not in args.only_folds):
             todo = []
         if args.only_arms:
@@ -349,8 +351,10 @@ def main() -> None:
                 part["machine"], part["command"] = machine, command
                 part["attention_loss"] = asdict(a.loss)
                 parts[a.name].write_bytes(pickle.dumps(part))
-        if all(reusable(parts[a.name], a.loss) for a in arms):
-            folds.append(merge_parts([pickle.loads(path.read_bytes()) for path in parts.values()]))
+                stored[a.name] = part
+        complete = [part for part in stored.values() if part is not None]
+        if len(complete) == len(arms):
+            folds.append(merge_parts(complete))
     if len(folds) < args.run_folds:
         print(f"{len(folds)} of {args.run_folds} folds complete so far; summarise once all are (--resume)")
         return

@@ -92,12 +92,13 @@ def test_a_cached_arm_is_reused_only_under_the_loss_it_was_computed_with(tmp_pat
     assert ablation.attention_loss(argparse.Namespace(ignore_weight=0.03)).ignore_weight == 0.03
     assert all(a.loss == loss for a in ablation.ablation_arms(("heatmap",), loss=loss))
     part = tmp_path / "fold0_full.pkl"
-    assert not ablation.reusable(part, loss)  # nothing cached yet
-    part.write_bytes(pickle.dumps({"arms": {}, "attention_loss": asdict(loss)}))
-    assert ablation.reusable(part, loss)
-    assert not ablation.reusable(part, replace(loss, artefact_paste_rate=1.0))
+    assert ablation.stored_part(part, loss) is None  # nothing cached yet
+    stored = {"arms": {"full": [1]}, "attention_loss": asdict(loss)}
+    part.write_bytes(pickle.dumps(stored))
+    assert ablation.stored_part(part, loss) == stored
+    assert ablation.stored_part(part, replace(loss, artefact_paste_rate=1.0)) is None
     part.write_bytes(pickle.dumps({"arms": {}}))  # cached before the loss was recorded: a legacy study's
-    assert ablation.reusable(part, loss)
+    assert ablation.stored_part(part, loss) == {"arms": {}}
     ablation.write_outputs(_result(["full"], {"full": 10.0}), tmp_path)
     assert "not recorded (input-gradient weight 0.1)" in (tmp_path / "rank_ablation.md").read_text()
     ablation.write_outputs(_result(["full"], {"full": 10.0}) | {"attention_loss": asdict(loss)}, tmp_path)
