@@ -33,7 +33,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,14 @@ DATA = ROOT.parent / "shared" / "data" / "nih1000"
 OFF = LossConfig(prediction="wbce", ignore_weight=0.0, evidence_weight=0.0, counterfactuals=False)
 DEFAULT = LossConfig(evidence_weight=0.0)  # no evidence masks in this scenario
 # name -> (loss, mask propagation or None)
+PROPAGATION_FIELDS = {f.name: getattr(PropagationConfig(), f.name) for f in fields(PropagationConfig)}
+# the fields --propagation-variants may change (a bool or a string is another arm's business)
+NUMERIC_FIELDS = {
+    f.name: value
+    for config in (PropagationConfig(), DEFAULT)
+    for f in fields(config)
+    if type(value := getattr(config, f.name)) in (int, float)
+}
 ARMS: dict[str, tuple[LossConfig, PropagationConfig | None]] = {
     "labels only": (OFF, None),
     "input gradient": (replace(OFF, ignore_weight=0.1), None),
@@ -75,7 +83,25 @@ def arms(args: argparse.Namespace) -> dict[str, tuple[LossConfig, PropagationCon
         chosen[f"propagation, {experts} experts"] = (DEFAULT, PropagationConfig(experts=experts))
     for rate in args.propagation_paste_rates:  # the default pasting the painted artefacts onto another share
         chosen[f"propagation, paste rate {rate:g}"] = (replace(DEFAULT, artefact_paste_rate=rate), PropagationConfig())
+    for text in args.propagation_variants:  # several of the changes above at once
+        name, arm = propagation_variant(text)
+        chosen[name] = arm
     return chosen
+
+
+def propagation_variant(text: str) -> tuple[str, tuple[LossConfig, PropagationConfig]]:
+    """``"experts=2,artefact_paste_rate=1"`` -> the default arm with those PropagationConfig and LossConfig
+    fields changed, named after them. Raises ValueError on an unknown field or a value of the wrong type."""
+    propagation: dict[str, Any] = {}
+    loss: dict[str, Any] = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in NUMERIC_FIELDS:
+            raise ValueError(f"unknown or non-numeric field {key!r} in {text!r}; known: {', '.join(NUMERIC_FIELDS)}")
+        (propagation if key in PROPAGATION_FIELDS else loss)[key] = type(NUMERIC_FIELDS[key])(value)
+    changes = {**propagation, **loss}
+    name = "propagation, " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in changes.items())
+    return name, (replace(DEFAULT, **loss), PropagationConfig(**propagation))
 
 
 def detection(
@@ -292,6 +318,13 @@ def main() -> None:
         default=[],
         help="arms: the default (mask propagation) with another ARTEFACT_PASTE_RATE",
     )
+    parser.add_argument(
+        "--propagation-variants",
+        nargs="*",
+        default=[],
+        help='arms: the default with several changes at once, e.g. "experts=2,artefact_paste_rate=1" '
+        "(numeric PropagationConfig and LossConfig fields)",
+    )
     parser.add_argument("--data", type=Path, default=DATA, help="the nih1000 folder")
     parser.add_argument("--resume", action="store_true", help="keep the seeds already in the results file")
     parser.add_argument("--device", default=common.default_device())
@@ -303,6 +336,10 @@ def main() -> None:
         "summary.json (needs --shares 0.1 first, several --kinds and the 'propagation (default)' arm)",
     )
     args = parser.parse_args()
+    try:
+        [propagation_variant(text) for text in args.propagation_variants]
+    except ValueError as error:
+        parser.error(str(error))
     if args.summary and (args.shares[0] != 0.1 or len(args.kinds) < 2 or "propagation (default)" not in args.arms):
         parser.error("--summary needs --shares 0.1 ..., several --kinds and --arms 'propagation (default)'")
     if not args.data.exists():
