@@ -35,7 +35,7 @@ class _Env:
 @dataclass(frozen=True)
 class TrainingSettings:
     """What one training job does (README: TRAIN_*, *_LOSS_WEIGHT, IGNORE_GRADIENT_ON_PROPAGATED, COUNTERFACTUALS,
-    MASK_PROPAGATION, DECORRELATE_COOCCURRENCE)."""
+    MASK_PROPAGATION, PROPAGATION_EXPERTS, DECORRELATE_COOCCURRENCE)."""
 
     epochs: int = 5
     batch_size: int = 16
@@ -45,8 +45,9 @@ class TrainingSettings:
     input_gradient_on_propagated: bool = False  # LossConfig.input_gradient_on_propagated: why it is off
     evidence_weight: float = 0.1
     counterfactuals: bool = True
-    artefact_paste_rate: float = 0.5
+    artefact_paste_rate: float = 1.0
     mask_propagation: bool = True
+    propagation_experts: int = 2  # PropagationConfig.experts: why two
     decorrelate_cooccurrence: bool = False
 
     @classmethod
@@ -61,8 +62,9 @@ class TrainingSettings:
             input_gradient_on_propagated=e.flag("IGNORE_GRADIENT_ON_PROPAGATED", False),
             evidence_weight=e.number("EVIDENCE_LOSS_WEIGHT", 0.1),
             counterfactuals=e.flag("COUNTERFACTUALS", True),
-            artefact_paste_rate=e.number("ARTEFACT_PASTE_RATE", 0.5),
+            artefact_paste_rate=e.number("ARTEFACT_PASTE_RATE", 1.0),
             mask_propagation=e.flag("MASK_PROPAGATION", True),
+            propagation_experts=e.integer("PROPAGATION_EXPERTS", 2),
             decorrelate_cooccurrence=e.flag("DECORRELATE_COOCCURRENCE", False),
         )
 

@@ -241,7 +241,12 @@ def test_the_settings_defaults_are_the_loss_defaults() -> None:
     from ml_backend.config import TrainingSettings
     from ml_backend.train.jobs import train_config
     from ml_backend.train.losses import LossConfig
+    from ml_backend.train.mask_propagation import PropagationConfig
 
     assert TrainingSettings.from_env({}) == TrainingSettings()
     assert train_config(TrainingSettings()).loss == LossConfig()
+    assert train_config(TrainingSettings()).propagation == PropagationConfig()  # the detector's experts too
+    assert train_config(TrainingSettings.from_env({"PROPAGATION_EXPERTS": "1"})).propagation == PropagationConfig(
+        experts=1
+    )
     assert train_config(TrainingSettings.from_env({"IGNORE_LOSS_WEIGHT": "0.1"})).loss.ignore_weight == 0.1

@@ -5,9 +5,9 @@ without changing anyone's labels.
 Per batch:
 * removal: each masked image gets its marked region filled from another image of the batch (same pixels
   positions), so the prediction term no longer sees the artefact together with that image's labels;
-* decorrelation: a share of the other images (``paste_rate``) get an artefact from the bank of every marked
-  region in the training set, shifted by a random offset, keeping their own labels. The artefact then appears
-  with and without each finding, whatever the physicians have not (yet) masked.
+* decorrelation: a share of the other images (``paste_rate``, by default all) get an artefact from the bank of
+  every marked region in the training set, shifted by a random offset, keeping their own labels. The artefact
+  then appears with and without each finding, whatever the physicians have not (yet) masked.
 
 Why: the input-gradient term (losses.input_gradient_penalty) only flattens the model's local sensitivity inside
 the masks it is given; fine-tuning from a model that already leans on an artefact, it barely moved the
@@ -64,7 +64,7 @@ def counterfactual_batch(
     batch: ExampleTensors,
     bank: ArtefactBank | None,
     generator: torch.Generator,
-    paste_rate: float = 0.5,
+    paste_rate: float = 1.0,
     max_shift: float = 0.25,
 ) -> ExampleTensors:
     """``batch`` with artefacts removed from its masked images and pasted onto a share of the others."""

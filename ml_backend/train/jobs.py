@@ -67,7 +67,7 @@ def train_config(training: TrainingSettings) -> TrainConfig:
         batch_size=training.batch_size,
         lr=training.lr,
         loss=loss,
-        propagation=PropagationConfig() if training.mask_propagation else None,
+        propagation=PropagationConfig(experts=training.propagation_experts) if training.mask_propagation else None,
     )
 
 

@@ -61,9 +61,10 @@ class PropagationConfig:
     # artefact that look nothing alike (a tag, a tube, a ruler) are not one half-space of the features: with one
     # expert the commonest kind sets the boundary and a kind with ~3 masks is missed (mechanism_mixed_10.md).
     # Detection only, 6 seeds (bench/results/detector_mixed_10.md): 2 experts found 82% of the unmasked mixed
-    # artefacts against 66%, mostly by not declining where one did, with twice the false masks (6.6% vs 3.0%);
-    # the default stays 1 until the fine-tuned ΔP says the same.
-    experts: int = 1
+    # artefacts against 66%, mostly by not declining where one did, with twice the false masks (6.6% vs 3.0%).
+    # Fine-tuned, with every unmasked image given a pasted artefact (LossConfig.artefact_paste_rate), the mixed
+    # shortcut went to the clean model's level (bench/results/mechanism_mixed_10_cpu_new_default.md).
+    experts: int = 2
     min_rows_per_expert: int = 8  # positive cells each expert needs; fewer positives mean fewer experts
     batch_size: int = 64
 
