@@ -96,7 +96,7 @@ def test_a_cached_arm_is_reused_only_under_the_loss_it_was_computed_with(tmp_pat
     stored = {"arms": {"full": [1]}, "attention_loss": asdict(loss)}
     part.write_bytes(pickle.dumps(stored))
     assert ablation.stored_part(part, loss) == stored
-    assert ablation.stored_part(part, replace(loss, artefact_paste_rate=1.0)) is None
+    assert ablation.stored_part(part, replace(loss, artefact_paste_rate=loss.artefact_paste_rate / 2)) is None
     part.write_bytes(pickle.dumps({"arms": {}}))  # cached before the loss was recorded: a legacy study's
     assert ablation.stored_part(part, loss) == {"arms": {}}
     ablation.write_outputs(_result(["full"], {"full": 10.0}), tmp_path)
